@@ -1,0 +1,106 @@
+"""The exceptions emberfl raises.
+
+Every error derives from :class:`EmberflError` and, where one fits, from the builtin a
+Python programmer would expect (``ValueError``, ``IndexError``, ``OSError``), so both
+``except emberfl.errors.EmberflError`` and ``except ValueError`` work.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArenaError",
+    "CheckpointError",
+    "ClientError",
+    "ConfigError",
+    "DatasetNotFoundError",
+    "EmberflError",
+    "InvalidArgumentError",
+    "InvalidWeightsError",
+    "LayoutMismatchError",
+    "NonFiniteError",
+    "PartitionError",
+    "SharedMemoryError",
+    "SlotIndexError",
+    "StaleHandleError",
+    "TensorMismatchError",
+    "WorkerDiedError",
+]
+
+
+class EmberflError(Exception):
+    """Base class of every error raised by emberfl."""
+
+
+class InvalidArgumentError(EmberflError, ValueError):
+    """An argument outside its valid range (empty slot list, bad thread count, ...)."""
+
+
+class ArenaError(EmberflError):
+    """A misuse of a :class:`~emberfl.arena.ParamArena`."""
+
+
+class SlotIndexError(ArenaError, IndexError):
+    """A slot index outside ``0 <= i < num_slots``."""
+
+
+class LayoutMismatchError(ArenaError, ValueError):
+    """A model or state dict whose tensors do not match the arena's layout."""
+
+
+class TensorMismatchError(ArenaError, ValueError):
+    """A tensor with the wrong dtype, shape, device or memory layout."""
+
+
+class InvalidWeightsError(EmberflError, ValueError):
+    """Aggregation weights that are NaN, negative, all zero or of the wrong length."""
+
+
+class NonFiniteError(EmberflError, ValueError):
+    """A NaN or infinite value found in a client update."""
+
+
+class SharedMemoryError(EmberflError, OSError):
+    """Shared memory could not be created, reserved or mapped."""
+
+
+class StaleHandleError(SharedMemoryError):
+    """An arena handle whose memory no longer exists or belongs to another arena."""
+
+
+class PartitionError(EmberflError, ValueError):
+    """A data partition that cannot be made (too few samples, alpha <= 0, ...)."""
+
+
+class DatasetNotFoundError(EmberflError, FileNotFoundError):
+    """A data set that is not present under the given data root."""
+
+
+class ConfigError(EmberflError, ValueError):
+    """An invalid run configuration (unknown option value, bad combination, ...)."""
+
+
+class CheckpointError(EmberflError, ValueError):
+    """A corrupt checkpoint, or one that does not match the run's configuration."""
+
+
+class ClientError(EmberflError, RuntimeError):
+    """A client's local training raised; carries the client id and the worker's traceback."""
+
+    def __init__(self, cid: int, message: str, worker_traceback: str = "") -> None:
+        """Create the error.
+
+        Args:
+            cid: The client whose training failed.
+            message: What went wrong.
+            worker_traceback: The formatted traceback from the worker, if any.
+        """
+        text = f"client {cid}: {message}"
+        if worker_traceback:
+            text += f"\n\nworker traceback:\n{worker_traceback}"
+        super().__init__(text)
+        self.cid = cid
+        self.worker_traceback = worker_traceback
+
+
+class WorkerDiedError(EmberflError, RuntimeError):
+    """A worker process exited (killed by a signal, out of memory, ...) mid-round."""

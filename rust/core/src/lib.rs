@@ -1,0 +1,13 @@
+//! emberfl's Rust core: counter-based RNG streams, the shared-memory parameter arena and
+//! deterministic aggregation kernels. Plain Rust, no Python: the bindings live in `rust/py`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod aggregate;
+pub mod arena;
+pub mod error;
+pub mod pool;
+pub mod rng;
+
+pub use arena::{Arena, Backing, Handle, Location, Out};
+pub use error::{Error, Result};
