@@ -327,20 +327,20 @@ class ParamArena:
         row = self.slot(i)
         state = _state_of(source)
         self._check_names(state)
+        for e in self._layout:  # validate everything before writing anything
+            t = state[e.name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TensorMismatchError(
+                    f"{e.name!r} must be a floating-point tensor of shape {e.shape}, "
+                    f"got {getattr(t, 'dtype', type(t).__name__)}"
+                )
+            if tuple(t.shape) != e.shape:
+                raise TensorMismatchError(
+                    f"{e.name!r} has shape {tuple(t.shape)}, the arena's layout expects {e.shape}"
+                )
         with torch.no_grad():
             for e in self._layout:
-                t = state[e.name]
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise TensorMismatchError(
-                        f"{e.name!r} must be a floating-point tensor of shape {e.shape}, "
-                        f"got {getattr(t, 'dtype', type(t).__name__)}"
-                    )
-                if tuple(t.shape) != e.shape:
-                    raise TensorMismatchError(
-                        f"{e.name!r} has shape {tuple(t.shape)}, the arena's layout expects "
-                        f"{e.shape}"
-                    )
-                row[e.offset : e.offset + e.numel].copy_(t.detach().reshape(-1))
+                row[e.offset : e.offset + e.numel].copy_(state[e.name].detach().reshape(-1))
 
     def load(self, i: int, model: torch.nn.Module) -> None:
         """Copy slot ``i`` into ``model``'s tensors (cast to their dtype and device).
@@ -355,15 +355,15 @@ class ParamArena:
         row = self.slot(i)
         state = model.state_dict()
         self._check_names(state)
+        for e in self._layout:
+            if tuple(state[e.name].shape) != e.shape:
+                raise TensorMismatchError(
+                    f"model tensor {e.name!r} has shape {tuple(state[e.name].shape)}, the "
+                    f"arena's layout expects {e.shape}"
+                )
         with torch.no_grad():
             for e in self._layout:
-                t = state[e.name]
-                if tuple(t.shape) != e.shape:
-                    raise TensorMismatchError(
-                        f"model tensor {e.name!r} has shape {tuple(t.shape)}, the arena's "
-                        f"layout expects {e.shape}"
-                    )
-                t.copy_(row[e.offset : e.offset + e.numel].view(e.shape))
+                state[e.name].copy_(row[e.offset : e.offset + e.numel].view(e.shape))
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Copy slot ``src`` into slot ``dst``.

@@ -85,6 +85,8 @@ def numpy_generator(
     Returns:
         A fresh generator; it never touches numpy's global random state.
     """
-    key = [_check_u64("seed", seed), _check_u64("purpose", purpose)]
-    counter = [0, _check_u64("client", client), _check_u64("round", round), 0]
+    key = np.array([_check_u64("seed", seed), _check_u64("purpose", purpose)], dtype=np.uint64)
+    counter = np.array(
+        [0, _check_u64("client", client), _check_u64("round", round), 0], dtype=np.uint64
+    )
     return np.random.Generator(np.random.Philox(key=key, counter=counter))
