@@ -92,6 +92,12 @@ pub fn weighted_mean(
     let n = check_inputs("weighted_mean", inputs, Some(out.len()))?;
     let w = normalized_weights(weights, inputs.len())?;
     let skip: Vec<bool> = w.iter().map(|&v| v == 0.0).collect();
+    let active: Vec<(&[f32], f64)> = inputs
+        .iter()
+        .zip(&w)
+        .filter(|(_, &wk)| wk != 0.0)
+        .map(|(x, &wk)| (*x, wk))
+        .collect();
     pool.install(|| {
         out.par_chunks_mut(CHUNK)
             .enumerate()
@@ -100,11 +106,27 @@ pub fn weighted_mean(
                 let len = o.len();
                 let mut acc = [0f64; CHUNK];
                 let acc = &mut acc[..len];
-                for (k, x) in inputs.iter().enumerate() {
-                    if skip[k] {
-                        continue;
+                // Four inputs per pass keep the accumulator in a register; the additions
+                // still happen one input at a time, in input order.
+                let mut groups = active.chunks_exact(4);
+                for g in &mut groups {
+                    let (x0, x1, x2, x3) = (
+                        &g[0].0[start..start + len],
+                        &g[1].0[start..start + len],
+                        &g[2].0[start..start + len],
+                        &g[3].0[start..start + len],
+                    );
+                    let (w0, w1, w2, w3) = (g[0].1, g[1].1, g[2].1, g[3].1);
+                    for j in 0..len {
+                        let mut a = acc[j];
+                        a += w0 * f64::from(x0[j]);
+                        a += w1 * f64::from(x1[j]);
+                        a += w2 * f64::from(x2[j]);
+                        a += w3 * f64::from(x3[j]);
+                        acc[j] = a;
                     }
-                    let wk = w[k];
+                }
+                for &(x, wk) in groups.remainder() {
                     for (a, &v) in acc.iter_mut().zip(&x[start..start + len]) {
                         *a += wk * f64::from(v);
                     }
