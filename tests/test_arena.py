@@ -262,3 +262,14 @@ def test_bad_construction() -> None:
         ParamArena.from_model({"w": torch.zeros(2)}, 1, backing="gpu")  # type: ignore[arg-type]
     with pytest.raises(errors.LayoutMismatchError, match="no floating-point"):
         ParamArena.from_model({"n": torch.zeros(2, dtype=torch.int64)}, 1)
+
+
+def test_named_arena_unlinked_when_collected() -> None:
+    before = shm_files()
+    a = ParamArena.from_model({"w": torch.zeros(4)}, 1, backing="shm")
+    view = a.slot(0)
+    assert len(shm_files() - before) == 1
+    del a
+    gc.collect()
+    assert shm_files() == before  # unlinked although a view is still alive
+    view.fill_(1.0)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -134,6 +135,11 @@ class ParamArena:
         self._skipped = skipped
         self._owner = owner
         self._by_name = {e.name: e for e in layout}
+        # A named arena is unlinked when its creator closes it, is garbage-collected, or the
+        # interpreter exits normally (weakref.finalize runs at exit too).
+        self._finalizer = (
+            weakref.finalize(self, core.unlink) if owner and core.handle()[0] == "shm" else None
+        )
         flat = torch.frombuffer(core, dtype=torch.float32)
         self._tensor: torch.Tensor = flat.view(core.num_slots, core.dim)
 
@@ -405,8 +411,8 @@ class ParamArena:
         A named arena created here is unlinked at once.
         """
         if self._core is not None:
-            if self._owner:
-                self._core.unlink()
+            if self._finalizer is not None:
+                self._finalizer()
             self._core = None
 
     @property
