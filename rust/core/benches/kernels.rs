@@ -33,9 +33,11 @@ fn kernels(c: &mut Criterion) {
     g.sample_size(20);
     for threads in [1, 2] {
         let p = pool(threads).unwrap();
-        g.bench_with_input(BenchmarkId::new("weighted_mean", threads), &threads, |b, _| {
-            b.iter(|| aggregate::weighted_mean(&views, &w, &mut out, &p).unwrap())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("weighted_mean", threads),
+            &threads,
+            |b, _| b.iter(|| aggregate::weighted_mean(&views, &w, &mut out, &p).unwrap()),
+        );
         g.bench_with_input(BenchmarkId::new("norms", threads), &threads, |b, _| {
             b.iter(|| aggregate::norms(&views, &p).unwrap())
         });
