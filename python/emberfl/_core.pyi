@@ -26,6 +26,7 @@ def philox4x64_10(
 def philox4x32_10(
     counter: tuple[int, int, int, int] | list[int], key: tuple[int, int] | list[int]
 ) -> list[int]: ...
+
 @final
 class Stream:
     def __new__(cls, seed: int, *, purpose: int = 0, client: int = 0, round: int = 0) -> Stream: ...
