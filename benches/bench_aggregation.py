@@ -62,9 +62,7 @@ def main() -> None:
     t_rust = timeit(lambda: weighted_mean(arena, slots, weights, out=k), args.repeats)
     t_torch = timeit(lambda: torch.stack(tensors).mean(0), args.repeats)
     w = torch.tensor(weights)
-    t_torch_w = timeit(
-        lambda: (torch.stack(tensors) * (w / w.sum())[:, None]).sum(0), args.repeats
-    )
+    t_torch_w = timeit(lambda: (torch.stack(tensors) * (w / w.sum())[:, None]).sum(0), args.repeats)
     t_copy = timeit(lambda: dst.copy_(src), args.repeats)
 
     result = {
