@@ -1,0 +1,755 @@
+"""The persistent worker-process pool behind :class:`~emberfl.core.ProcessPoolClientTrainer`.
+
+Design:
+
+* ``P`` spawn-context worker processes are started once and reused for every round until
+  :meth:`ProcessPool.close` (called by the trainer's ``shutdown()``, its context manager,
+  or garbage collection).
+* Each worker talks to the parent over its own pipe; the parent waits on the pipes and
+  the processes' sentinels at once, so a worker that dies is noticed at once.
+* Tensors never go through the pipes. The downlink payload's tensors are written once
+  per round into a one-slot arena and every worker rebuilds the payload from zero-copy
+  views. Uplink buffers live in an arena of ``P + 1`` slots: worker ``w`` always writes
+  into slot ``w`` and slot ``P`` holds the buffer's initial values; the parent copies a
+  client's result out of the slot before giving that worker its next client, so shared
+  memory is bounded by the parallelism, not by the number of clients.
+* Objects shared by several client configs (data sets, model selectors) are sent to each
+  worker once and cached there; their tensors go into their own arena, shared by all
+  workers.
+* Results are handed back in ``cid_list`` order whatever order the clients finish in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+import weakref
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from multiprocessing.connection import Connection, wait
+from pathlib import PurePath
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from emberfl.core._transport import PackedLayout, adopt_tensors, pack, unpack, write_tensors
+from emberfl.core._tree import map_tensors
+from emberfl.core.shared_memory import reconstruct_from_shared_memory
+from emberfl.errors import ClientError, EmberflError, TensorMismatchError, WorkerDiedError
+
+__all__ = ["ClientJob", "ProcessPool"]
+
+B = TypeVar("B")
+
+_CTX = multiprocessing.get_context("spawn")
+_PICKLE_PROTOCOL = 5
+_POLL_S = 0.5
+_SIMPLE_TYPES = (str, bytes, int, float, complex, bool, type(None), Enum, PurePath)
+
+
+def _new_arena(num_floats: int, num_slots: int) -> Any:
+    from emberfl.arena import ParamArena
+
+    template = {"packed": torch.zeros(num_floats, dtype=torch.float32)}
+    return ParamArena.from_model(template, num_slots)
+
+
+def _attach_arena(handle: Any) -> Any:
+    from emberfl.arena import ParamArena
+
+    return ParamArena.attach(handle)
+
+
+def _close_quietly(arena: Any) -> None:
+    if arena is not None:
+        with contextlib.suppress(Exception):
+            arena.close()
+
+
+# --------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------
+
+
+class _StickyUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, sticky: dict[int, Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._sticky = sticky
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._sticky[pid]
+
+
+@dataclass
+class _WorkerState:
+    index: int
+    stop_event: Any
+    worker_fn: Callable[..., Any] | None = None
+    payload_skeleton: Any = None
+    down_layout: PackedLayout | None = None
+    down_arena: Any = None
+    down_gen: int = -1
+    up_gen: int = -1
+    up_layout: PackedLayout | None = None
+    up_skeleton: Any = None
+    up_arena: Any = None
+    template_slot: int = 0
+    sticky: dict[int, Any] = field(default_factory=dict)
+    sticky_arenas: dict[int, Any] = field(default_factory=dict)
+
+    def shared_storages(self) -> set[int]:
+        ptrs = set()
+        for arena in (self.down_arena, self.up_arena, *self.sticky_arenas.values()):
+            if arena is not None:
+                ptrs.add(arena.slot(0).untyped_storage().data_ptr())
+        return ptrs
+
+    def close(self) -> None:
+        self.sticky.clear()
+        for arena in (self.down_arena, self.up_arena, *self.sticky_arenas.values()):
+            _close_quietly(arena)
+        self.sticky_arenas.clear()
+        self.down_arena = self.up_arena = None
+
+
+def _worker_main(
+    index: int, conn: Connection, stop_event: Any, intra_op_threads: int | None
+) -> None:
+    """Entry point of a worker process: serve messages until told to exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if intra_op_threads is not None:
+        torch.set_num_threads(intra_op_threads)
+    state = _WorkerState(index=index, stop_event=stop_event)
+    exit_code = 0
+    try:
+        _serve(state, conn)
+    except BaseException:
+        traceback.print_exc()
+        exit_code = 1
+    finally:
+        state.close()
+        conn.close()
+        # Skip interpreter teardown: PyTorch's exit handlers take about a second, and the
+        # worker owns nothing that needs them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+
+def _serve(state: _WorkerState, conn: Connection) -> None:
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return  # the parent went away
+        kind = message[0]
+        if kind == "exit":
+            return
+        if kind == "task":
+            conn.send_bytes(_run_task(state, *message[1:]))
+        else:
+            _apply_control(state, message)
+
+
+def _apply_control(state: _WorkerState, message: tuple[Any, ...]) -> None:
+    kind = message[0]
+    if kind == "payload":
+        _, worker_fn, skeleton, layout, handle, generation = message
+        state.worker_fn = worker_fn
+        state.payload_skeleton = skeleton
+        state.down_layout = layout
+        if generation != state.down_gen:
+            _close_quietly(state.down_arena)
+            state.down_arena = _attach_arena(handle) if handle is not None else None
+            state.down_gen = generation
+    elif kind == "uplink":
+        _, skeleton, layout, handle, template_slot, generation = message
+        state.up_skeleton, state.up_layout, state.template_slot = skeleton, layout, template_slot
+        if generation != state.up_gen:
+            _close_quietly(state.up_arena)
+            state.up_arena = _attach_arena(handle) if handle is not None else None
+            state.up_gen = generation
+    elif kind == "sticky":
+        _, token, data, layout, handle = message
+        obj = pickle.loads(data)
+        if handle is not None:
+            arena = _attach_arena(handle)
+            state.sticky_arenas[token] = arena
+            obj = unpack(obj, layout, arena.slot(0), clone=False)
+        state.sticky[token] = obj
+    elif kind == "forget":
+        for token in message[1]:
+            state.sticky.pop(token, None)
+            _close_quietly(state.sticky_arenas.pop(token, None))
+
+
+def _run_task(
+    state: _WorkerState, task_id: int, cid: int, device: str, config_bytes: bytes
+) -> bytes:
+    try:
+        config = _StickyUnpickler(config_bytes, state.sticky).load()
+        payload = state.payload_skeleton
+        if state.down_layout is not None and state.down_arena is not None:
+            payload = unpack(payload, state.down_layout, state.down_arena.slot(0), clone=False)
+        shm_buffer = None
+        slot = None
+        if state.up_layout is not None and state.up_arena is not None:
+            slot = state.up_arena.slot(state.index)
+            slot.copy_(state.up_arena.slot(state.template_slot))
+            shm_buffer = unpack(state.up_skeleton, state.up_layout, slot, clone=False)
+        elif state.up_skeleton is not None:
+            shm_buffer = pickle.loads(pickle.dumps(state.up_skeleton))
+        assert state.worker_fn is not None
+        result = state.worker_fn(config, payload, device, state.stop_event, shm_buffer=shm_buffer)
+        if slot is not None and state.up_layout is not None:
+            adopt_tensors(shm_buffer, state.up_layout, slot, cid=cid, what="uplink buffer")
+        shared = state.shared_storages()
+
+        def detach_shared(_path: str, tensor: torch.Tensor) -> torch.Tensor:
+            # A view into an arena would pickle the whole arena: send a private copy.
+            if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in shared:
+                return tensor.clone()
+            return tensor
+
+        result = map_tensors(result, detach_shared)
+        return pickle.dumps(("done", task_id, pickle.dumps(result, _PICKLE_PROTOCOL)))
+    except TensorMismatchError as exc:
+        return pickle.dumps(("mismatch", task_id, str(exc)))
+    except BaseException as exc:
+        try:
+            exc_bytes: bytes | None = pickle.dumps(exc, _PICKLE_PROTOCOL)
+        except Exception:
+            exc_bytes = None
+        return pickle.dumps(
+            (
+                "error",
+                task_id,
+                f"{type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+                exc_bytes,
+            )
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Any
+    conn: Connection
+    task: int | None = None  # index into the round's tasks
+    sent_tokens: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Sticky:
+    token: int
+    obj: Any  # strong reference: keeps id(obj) from being reused
+    data: bytes
+    layout: PackedLayout | None
+    arena: Any
+
+
+@dataclass
+class _Task:
+    cid: int
+    device: str
+    config_bytes: bytes
+    tokens: list[int]
+
+
+class _Resources:
+    """Everything the pool must release; closed by the pool or by its finalizer."""
+
+    def __init__(self) -> None:
+        self.workers: list[_Worker] = []
+        self.arenas: list[Any] = []
+        self.closed = False
+
+    def close(self, *, graceful: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for worker in self.workers:
+            if graceful and worker.process.is_alive():
+                with contextlib.suppress(OSError):
+                    worker.conn.send_bytes(pickle.dumps(("exit",)))
+        deadline = time.monotonic() + (2.0 if graceful else 0.0)
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(2.0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+            worker.process.close()
+        self.workers.clear()
+        for arena in self.arenas:
+            _close_quietly(arena)
+        self.arenas.clear()
+
+
+class ClientJob(Generic[B]):
+    """One client's pending result in process-pool mode (what ``progress_fn`` iterates).
+
+    Attributes:
+        cid: The client id.
+    """
+
+    def __init__(self, pool: ProcessPool, index: int, cid: int) -> None:
+        """Create the job (done by the pool).
+
+        Args:
+            pool: The pool running the round.
+            index: Position in ``cid_list``.
+            cid: The client id.
+        """
+        self._pool = pool
+        self._index = index
+        self.cid = cid
+
+    def ready(self) -> bool:
+        """Return whether the client's result has arrived."""
+        return self._pool._ready(self._index)
+
+    def get(self) -> B:
+        """Wait for the client's result (running the pool meanwhile) and return it.
+
+        Returns:
+            The client's buffer package, rebuilt from the arena.
+
+        Raises:
+            ClientError: If any client of the round failed.
+            WorkerDiedError: If a worker process died.
+        """
+        result: B = self._pool._wait(self._index)
+        return result
+
+
+class ProcessPool:
+    """A persistent pool of spawn-context worker processes (private to emberfl.core)."""
+
+    def __init__(
+        self,
+        num_workers: int,
+        stop_event: Any,
+        *,
+        intra_op_threads: int | None,
+        drain_timeout_s: float,
+    ) -> None:
+        """Start ``num_workers`` worker processes.
+
+        Args:
+            num_workers: How many processes.
+            stop_event: A multiprocessing event handed to every worker.
+            intra_op_threads: ``torch.set_num_threads`` value in each worker.
+            drain_timeout_s: How long to wait for running clients to stop after an error
+                or Ctrl-C before killing the workers.
+        """
+        self.num_workers = num_workers
+        self.stop_event = stop_event
+        self.intra_op_threads = intra_op_threads
+        self.drain_timeout_s = drain_timeout_s
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.close)
+        self._down_arena: Any = None
+        self._down_layout: PackedLayout | None = None
+        self._up_arena: Any = None
+        self._up_layout: PackedLayout | None = None
+        self._up_skeleton: Any = None
+        self._down_gen = 0
+        self._up_gen = 0
+        self._retired: list[Any] = []
+        self._sticky: dict[int, _Sticky] = {}
+        self._next_token = 0
+        self._tasks: list[_Task] = []
+        self._results: list[Any] = []
+        self._done: list[bool] = []
+        self._next_task = 0
+        self._failure: BaseException | None = None
+        try:
+            for index in range(num_workers):
+                parent_conn, child_conn = _CTX.Pipe(duplex=True)
+                process = _CTX.Process(
+                    target=_worker_main,
+                    args=(index, child_conn, stop_event, intra_op_threads),
+                    name=f"emberfl-worker-{index}",
+                    daemon=True,
+                )
+                try:
+                    process.start()
+                finally:
+                    child_conn.close()
+                self._res.workers.append(_Worker(index, process, parent_conn))
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    @property
+    def closed(self) -> bool:
+        """Whether the pool has been shut down."""
+        return self._res.closed
+
+    def pids(self) -> list[int]:
+        """Return the worker processes' ids."""
+        return [w.process.pid for w in self._res.workers]
+
+    def alive(self) -> bool:
+        """Return whether every worker process is running."""
+        return not self.closed and all(w.process.is_alive() for w in self._res.workers)
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop the workers and release every arena. Idempotent.
+
+        Args:
+            graceful: Ask the workers to exit (and wait briefly) before terminating them.
+        """
+        self._res.arenas.extend(a for a in (self._down_arena, self._up_arena) if a is not None)
+        self._res.arenas.extend(s.arena for s in self._sticky.values() if s.arena is not None)
+        self._res.arenas.extend(self._retired)
+        self._sticky.clear()
+        self._retired.clear()
+        self._down_arena = self._up_arena = None
+        self._res.close(graceful=graceful)
+        self._finalizer.detach()
+
+    # -- round setup -------------------------------------------------------------------
+
+    def start_round(
+        self,
+        worker_fn: Callable[..., Any],
+        payload: Any,
+        uplink_template: Any,
+        clients: Sequence[tuple[int, str, Any]],
+    ) -> list[ClientJob[Any]]:
+        """Prepare a round and return one job per client, in ``clients`` order.
+
+        Args:
+            worker_fn: The trainer's static ``worker``.
+            payload: The downlink package.
+            uplink_template: ``prepare_uplink_package_buffer()``'s result, or ``None``.
+            clients: ``(cid, device, config)`` per client.
+
+        Returns:
+            The jobs; clients are dispatched as jobs are waited on.
+        """
+        if self.closed:
+            raise RuntimeError("the process pool is shut down")
+        self._failure = None
+        for arena in self._retired:
+            _close_quietly(arena)
+        self._retired.clear()
+        self._broadcast_payload(worker_fn, payload)
+        self._prepare_uplink(uplink_template)
+        self._tasks = self._prepare_tasks(clients)
+        self._results = [None] * len(self._tasks)
+        self._done = [False] * len(self._tasks)
+        self._next_task = 0
+        self._dispatch()
+        return [ClientJob(self, i, task.cid) for i, task in enumerate(self._tasks)]
+
+    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        try:
+            data = pickle.dumps(message, _PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise TypeError(
+                f"could not pickle a message for the worker processes ({exc}); the trainer's "
+                "worker must be a static method of a module-level class and packages must "
+                "be picklable"
+            ) from exc
+        try:
+            worker.conn.send_bytes(data)
+        except OSError as exc:
+            self._raise_died(worker, cause=exc)
+
+    def _retire(self, arena: Any) -> None:
+        # Workers may still have to attach an arena announced earlier, so a replaced arena
+        # is closed at the start of the next round, once every worker has gone idle.
+        if arena is not None:
+            self._retired.append(arena)
+
+    def _broadcast_payload(self, worker_fn: Callable[..., Any], payload: Any) -> None:
+        skeleton, layout, tensors = pack(payload)
+        if not tensors:
+            self._broadcast(("payload", worker_fn, skeleton, None, None, -1))
+            return
+        if self._down_arena is None or self._down_layout != layout:
+            self._retire(self._down_arena)
+            self._down_arena = _new_arena(layout.num_floats, 1)
+            self._down_layout = layout
+            self._down_gen += 1
+        write_tensors(layout, self._down_arena.slot(0), tensors)
+        self._broadcast(
+            ("payload", worker_fn, skeleton, layout, self._down_arena.handle, self._down_gen)
+        )
+
+    def _prepare_uplink(self, template: Any) -> None:
+        if template is None:
+            self._up_skeleton = self._up_layout = None
+            self._broadcast(("uplink", None, None, None, 0, -1))
+            return
+        skeleton, layout, tensors = pack(template)
+        if not tensors:
+            self._up_skeleton, self._up_layout = skeleton, None
+            self._broadcast(("uplink", skeleton, None, None, 0, -1))
+            return
+        if self._up_arena is None or self._up_layout != layout:
+            self._retire(self._up_arena)
+            self._up_arena = _new_arena(layout.num_floats, self.num_workers + 1)
+            self._up_layout = layout
+            self._up_gen += 1
+        self._up_skeleton = skeleton
+        write_tensors(layout, self._up_arena.slot(self.num_workers), tensors)
+        handle = self._up_arena.handle
+        self._broadcast(("uplink", skeleton, layout, handle, self.num_workers, self._up_gen))
+
+    def _broadcast(self, message: tuple[Any, ...]) -> None:
+        for worker in self._res.workers:
+            self._send(worker, message)
+
+    def _prepare_tasks(self, clients: Sequence[tuple[int, str, Any]]) -> list[_Task]:
+        # Objects shared by several configs (or already cached) are sent once per worker.
+        counts: Counter[int] = Counter()
+        candidates: dict[int, Any] = {}
+        for _, _, config in clients:
+            for value in _top_level_values(config):
+                if not isinstance(value, (*_SIMPLE_TYPES, torch.Tensor)):
+                    counts[id(value)] += 1
+                    candidates[id(value)] = value
+        keep = {oid for oid, n in counts.items() if n >= 2 or oid in self._sticky}
+        dropped = [s.token for oid, s in self._sticky.items() if oid not in keep]
+        if dropped:
+            self._broadcast(("forget", dropped))
+            for worker in self._res.workers:
+                worker.sent_tokens.difference_update(dropped)
+            for oid in [oid for oid in self._sticky if oid not in keep]:
+                self._retire(self._sticky.pop(oid).arena)
+        for oid in keep:
+            if oid not in self._sticky:
+                self._sticky[oid] = self._make_sticky(candidates[oid])
+        tokens_by_id = {oid: s.token for oid, s in self._sticky.items()}
+        tasks = []
+        for cid, device, config in clients:
+            used: list[int] = []
+            buffer = io.BytesIO()
+            pickler = _StickyPickler(buffer, tokens_by_id, used)
+            try:
+                pickler.dump(config)
+            except Exception as exc:
+                raise ClientError(
+                    cid, f"its config could not be pickled for a worker process: {exc}"
+                ) from exc
+            tasks.append(_Task(cid, device, buffer.getvalue(), used))
+        return tasks
+
+    def _make_sticky(self, obj: Any) -> _Sticky:
+        token = self._next_token
+        self._next_token += 1
+        skeleton, layout, tensors = pack(obj)
+        arena = None
+        if tensors:
+            arena = _new_arena(layout.num_floats, 1)
+            write_tensors(layout, arena.slot(0), tensors)
+        try:
+            data = pickle.dumps(skeleton, _PICKLE_PROTOCOL)
+        except Exception as exc:
+            _close_quietly(arena)
+            raise TypeError(
+                f"{type(obj).__name__} in the client configs could not be pickled for the "
+                f"worker processes: {exc}"
+            ) from exc
+        return _Sticky(token, obj, data, layout if tensors else None, arena)
+
+    # -- running -----------------------------------------------------------------------
+
+    def _ready(self, index: int) -> bool:
+        return self._done[index]
+
+    def _dispatch(self) -> None:
+        by_token = {s.token: s for s in self._sticky.values()}
+        for worker in self._res.workers:
+            if self._next_task >= len(self._tasks):
+                return
+            if worker.task is not None:
+                continue
+            index = self._next_task
+            task = self._tasks[index]
+            for token in task.tokens:
+                if token not in worker.sent_tokens:
+                    sticky = by_token[token]
+                    handle = sticky.arena.handle if sticky.arena is not None else None
+                    self._send(worker, ("sticky", token, sticky.data, sticky.layout, handle))
+                    worker.sent_tokens.add(token)
+            self._send(worker, ("task", index, task.cid, task.device, task.config_bytes))
+            worker.task = index
+            self._next_task += 1
+
+    def _wait(self, index: int) -> Any:
+        try:
+            while not self._done[index]:
+                if self._failure is not None:
+                    raise self._failure
+                self._pump()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self._results[index]
+
+    def _pump(self) -> None:
+        workers = self._res.workers
+        conns = {w.conn: w for w in workers}
+        sentinels = {w.process.sentinel: w for w in workers}
+        ready = wait([*conns, *sentinels], timeout=_POLL_S)
+        died: list[_Worker] = []
+        # Read messages first: a worker that reported and then died has its last word heard.
+        for obj in ready:
+            worker = conns.get(obj)  # type: ignore[call-overload]
+            if worker is None:
+                continue
+            try:
+                message = pickle.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                died.append(worker)
+                continue
+            if worker.task is not None:
+                self._handle(worker, message)
+        for obj in ready:
+            worker = sentinels.get(obj)
+            if worker is not None and worker not in died:
+                died.append(worker)
+        if died:
+            self._raise_died(died[0])
+        if self._failure is None:
+            self._dispatch()
+
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind, index = message[0], message[1]
+        worker.task = None
+        cid = self._tasks[index].cid
+        if kind == "done":
+            try:
+                result = pickle.loads(message[2])
+                if self._up_layout is not None and self._up_arena is not None:
+                    slot = self._up_arena.slot(worker.index)
+                    buffer = unpack(self._up_skeleton, self._up_layout, slot, clone=True)
+                    result = reconstruct_from_shared_memory(result, buffer)
+            except Exception as exc:
+                self._failure = ClientError(cid, f"its result could not be rebuilt: {exc}")
+                return
+            self._results[index] = result
+            self._done[index] = True
+        elif kind == "mismatch":
+            self._failure = TensorMismatchError(message[2])
+        elif kind == "error":
+            _, _, text, worker_tb, exc_bytes = message
+            error = ClientError(cid, text, worker_tb)
+            if exc_bytes is not None:
+                with contextlib.suppress(Exception):
+                    error.__cause__ = pickle.loads(exc_bytes)
+            self._failure = error
+
+    def _raise_died(self, worker: _Worker, cause: BaseException | None = None) -> None:
+        process = worker.process
+        process.join(1.0)
+        code = process.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        if worker.task is not None:
+            what = f"while training client {self._tasks[worker.task].cid}"
+        else:
+            what = "while idle"
+        error = WorkerDiedError(
+            f"worker process {process.pid} {how} {what}; the process pool was shut down "
+            "(the next local_process call starts a new one)"
+        )
+        self.close(graceful=False)
+        if cause is not None:
+            raise error from cause
+        raise error
+
+    def _abort(self, exc: BaseException) -> None:
+        """Stop the round after a failure or Ctrl-C: stop running clients, then drain."""
+        if self.closed:
+            return
+        self._next_task = len(self._tasks)  # dispatch nothing more
+        if isinstance(exc, WorkerDiedError):
+            return
+        self.stop_event.set()
+        deadline = time.monotonic() + self.drain_timeout_s
+        try:
+            while any(w.task is not None for w in self._res.workers):
+                if time.monotonic() > deadline:
+                    self.close(graceful=False)
+                    return
+                busy = {w.conn: w for w in self._res.workers if w.task is not None}
+                sentinels = [w.process.sentinel for w in self._res.workers]
+                for obj in wait([*busy, *sentinels], timeout=_POLL_S):
+                    if obj in busy:
+                        worker = busy[obj]
+                        try:
+                            worker.conn.recv_bytes()
+                        except (EOFError, OSError):
+                            self.close(graceful=False)
+                            return
+                        worker.task = None
+                    else:
+                        self.close(graceful=False)
+                        return
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def finish_round(self) -> None:
+        """Make sure nothing of the round is still running (drains after early exits)."""
+        if self.closed:
+            return
+        if any(w.task is not None for w in self._res.workers) or self._next_task < len(self._tasks):
+            self._abort(EmberflError("round abandoned"))
+        self._tasks = []
+        self._results = []
+        self._done = []
+
+
+class _StickyPickler(pickle.Pickler):
+    def __init__(self, buffer: io.BytesIO, tokens_by_id: dict[int, int], used: list[int]) -> None:
+        super().__init__(buffer, _PICKLE_PROTOCOL)
+        self._tokens_by_id = tokens_by_id
+        self._used = used
+
+    def persistent_id(self, obj: Any) -> Any:
+        token = self._tokens_by_id.get(id(obj))
+        if token is None:
+            return None
+        if token not in self._used:
+            self._used.append(token)
+        return token
+
+
+def _top_level_values(config: Any) -> list[Any]:
+    if isinstance(config, dict):
+        return list(config.values())
+    if isinstance(config, list | tuple):
+        return list(config)
+    if hasattr(config, "__dict__"):
+        return list(vars(config).values())
+    return []

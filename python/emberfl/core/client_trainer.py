@@ -1,0 +1,422 @@
+"""The client-side protocols and the three execution modes.
+
+* :class:`BaseClientTrainer` — the minimal protocol (``local_process`` +
+  ``uplink_package``); a serial trainer implements both itself.
+* :class:`ThreadPoolClientTrainer` — clients run in a thread pool of ``num_parallels``
+  threads; subclasses implement the instance method ``worker``.
+* :class:`ProcessPoolClientTrainer` — clients run in a persistent pool of
+  ``num_parallels`` spawned processes; subclasses implement the static method ``worker``.
+  Model parameters travel through a shared-memory arena, never through pickles.
+
+The names, signatures and semantics are BlazeFL 3.0's; ``docs/blazefl-differences.md``
+lists what emberfl does differently and why (results in ``cid_list`` order, a pool that
+lives across rounds, ``ClientError`` / ``WorkerDiedError``, one intra-op thread per client).
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from typing import Protocol, TypeVar, cast
+
+from emberfl.core._process_pool import ClientJob, ProcessPool
+from emberfl.core.intra_op import intra_op_threads
+from emberfl.errors import ClientError, ConfigError
+
+__all__ = [
+    "BaseClientTrainer",
+    "ClientJob",
+    "ProcessPoolClientTrainer",
+    "ThreadPoolClientTrainer",
+]
+
+UplinkPackage = TypeVar("UplinkPackage")
+DownlinkPackage = TypeVar("DownlinkPackage", contravariant=True)
+ClientConfig = TypeVar("ClientConfig")
+BufferPackage = TypeVar("BufferPackage")
+
+
+def _cuda_device(device: str, device_count: int, cid: int) -> str:
+    if device == "cuda" and device_count > 0:
+        return f"cuda:{cid % device_count}"
+    return device
+
+
+def _as_client_error(cid: int, exc: BaseException) -> ClientError:
+    if isinstance(exc, ClientError):
+        return exc
+    worker_tb = "".join(traceback.format_exception(exc))
+    error = ClientError(cid, f"{type(exc).__name__}: {exc}", worker_tb)
+    error.__cause__ = exc
+    return error
+
+
+class BaseClientTrainer(Protocol[UplinkPackage, DownlinkPackage]):
+    """Client-side operations of a federated-learning algorithm.
+
+    A serial trainer implements both methods; the pool trainers below implement
+    ``local_process`` for you.
+    """
+
+    def uplink_package(self) -> list[UplinkPackage]:
+        """Return the packages produced since the last call (and usually clear them).
+
+        Returns:
+            One package per trained client, in ``cid_list`` order.
+        """
+        ...
+
+    def local_process(self, payload: DownlinkPackage, cid_list: list[int]) -> None:
+        """Train the clients ``cid_list`` on ``payload``.
+
+        Args:
+            payload: The server's downlink package.
+            cid_list: The clients of this round.
+        """
+        ...
+
+
+class ThreadPoolClientTrainer(
+    BaseClientTrainer[UplinkPackage, DownlinkPackage],
+    Protocol[UplinkPackage, DownlinkPackage],
+):
+    """Run clients in a pool of ``num_parallels`` threads.
+
+    Subclasses set the attributes below in ``__init__`` and implement :meth:`worker`.
+    Results are appended to ``cache`` in ``cid_list`` order, and only once every client
+    of the call succeeded.
+
+    While the pool runs, PyTorch's (process-wide) intra-op thread count is set to
+    ``intra_op_threads`` (1 by default) and restored afterwards; see
+    :mod:`emberfl.core.intra_op` for why.
+
+    Attributes:
+        num_parallels: Number of threads.
+        device: ``"cpu"``, ``"cuda"`` (clients spread round-robin over the GPUs) or a
+            specific device.
+        device_count: Number of CUDA devices.
+        cache: Uplink packages waiting for :meth:`uplink_package`.
+        stop_event: Set to ask running workers to stop (checked once per batch by
+            emberfl's algorithms); set automatically on error or Ctrl-C.
+        intra_op_threads: ``torch.set_num_threads`` value while clients train, or
+            ``None`` to leave it alone.
+    """
+
+    num_parallels: int
+    device: str
+    device_count: int
+    cache: list[UplinkPackage]
+    stop_event: threading.Event
+    intra_op_threads: int | None = 1
+
+    def progress_fn(self, it: list[Future[UplinkPackage]]) -> Iterable[Future[UplinkPackage]]:
+        """Wrap the futures for progress reporting (e.g. ``tqdm(it)``); no-op by default.
+
+        Args:
+            it: One future per client, in ``cid_list`` order.
+
+        Returns:
+            An iterable over the same futures, in the same order.
+        """
+        return it
+
+    def worker(
+        self,
+        cid: int,
+        device: str,
+        payload: DownlinkPackage,
+        stop_event: threading.Event,
+    ) -> UplinkPackage:
+        """Train one client (runs in a pool thread).
+
+        Args:
+            cid: The client id.
+            device: Where to train (from :meth:`get_client_device`).
+            payload: The server's downlink package; shared by all threads, so treat it as
+                read-only.
+            stop_event: Stop early (e.g. between batches) once it is set.
+
+        Returns:
+            The client's uplink package.
+        """
+        ...
+
+    def get_client_device(self, cid: int) -> str:
+        """Return the device for client ``cid`` (round-robin over GPUs for ``"cuda"``).
+
+        Args:
+            cid: The client id.
+
+        Returns:
+            A device string.
+        """
+        return _cuda_device(self.device, self.device_count, cid)
+
+    def local_process(self, payload: DownlinkPackage, cid_list: list[int]) -> None:
+        """Train ``cid_list`` in the thread pool and append their packages to ``cache``.
+
+        Args:
+            payload: The server's downlink package.
+            cid_list: The clients of this round.
+
+        Raises:
+            ClientError: If a worker raised; it names the client and carries the
+                traceback. The other clients are stopped and nothing is cached.
+        """
+        self.stop_event.clear()
+        results: list[UplinkPackage] = []
+        with intra_op_threads(self.intra_op_threads):
+            executor = ThreadPoolExecutor(
+                max_workers=max(1, self.num_parallels), thread_name_prefix="emberfl-client"
+            )
+            try:
+                futures = [
+                    executor.submit(
+                        self.worker, cid, self.get_client_device(cid), payload, self.stop_event
+                    )
+                    for cid in cid_list
+                ]
+                cid_of = {id(f): cid for f, cid in zip(futures, cid_list, strict=True)}
+                for future in self.progress_fn(futures):
+                    try:
+                        results.append(future.result())
+                    except Exception as exc:
+                        raise _as_client_error(cid_of[id(future)], exc) from exc
+            finally:
+                self.stop_event.set()
+                executor.shutdown(wait=True, cancel_futures=True)
+        self.cache.extend(results)
+
+
+class ProcessPoolClientTrainer(
+    BaseClientTrainer[UplinkPackage, DownlinkPackage],
+    Protocol[UplinkPackage, DownlinkPackage, ClientConfig, BufferPackage],
+):
+    """Run clients in a persistent pool of ``num_parallels`` spawned processes.
+
+    Subclasses set the attributes below in ``__init__`` and implement
+    :meth:`get_client_config`, :meth:`prepare_uplink_package_buffer` and the static
+    :meth:`worker`. The pool starts on the first :meth:`local_process` call and lives
+    until :meth:`shutdown` (also called by ``with trainer:`` and on garbage collection).
+
+    Per round, the payload's tensors are written once into a shared arena and every
+    worker reads them zero-copy; each worker writes its client's results into its own
+    arena slot (the ``shm_buffer`` argument), from which the parent copies them before
+    handing that worker its next client. Shared memory is therefore bounded by
+    ``num_parallels``, whatever the number of clients. Results reach ``cache`` in
+    ``cid_list`` order. Objects shared by all client configs (data sets, model
+    selectors) are sent to each worker once and kept there; mutate them in the parent
+    only before the pool starts (or call :meth:`shutdown` afterwards).
+
+    Attributes:
+        num_parallels: Number of worker processes.
+        device: ``"cpu"``, ``"cuda"`` (clients spread round-robin over the GPUs) or a
+            specific device.
+        device_count: Number of CUDA devices.
+        cache: Uplink packages waiting for :meth:`uplink_package`.
+        stop_event: A multiprocessing event (``multiprocessing.get_context("spawn")
+            .Event()`` or a ``Manager().Event()``) shared with the workers.
+        intra_op_threads: ``torch.set_num_threads`` value in each worker, or ``None``.
+        drain_timeout_s: After an error or Ctrl-C, how long running clients get to stop
+            before the workers are killed (the pool then restarts on the next call).
+    """
+
+    num_parallels: int
+    device: str
+    device_count: int
+    cache: list[UplinkPackage]
+    stop_event: threading.Event
+    intra_op_threads: int | None = 1
+    drain_timeout_s: float = 10.0
+
+    def progress_fn(self, it: list[ClientJob[BufferPackage]]) -> Iterable[ClientJob[BufferPackage]]:
+        """Wrap the jobs for progress reporting (e.g. ``tqdm(it)``); no-op by default.
+
+        Args:
+            it: One :class:`ClientJob` per client, in ``cid_list`` order.
+
+        Returns:
+            An iterable over the same jobs, in the same order.
+        """
+        return it
+
+    def get_client_config(self, cid: int) -> ClientConfig:
+        """Return what a worker needs to train client ``cid`` (it is pickled).
+
+        Args:
+            cid: The client id.
+
+        Returns:
+            The client's configuration.
+        """
+        ...
+
+    def get_client_device(self, cid: int) -> str:
+        """Return the device for client ``cid`` (round-robin over GPUs for ``"cuda"``).
+
+        Args:
+            cid: The client id.
+
+        Returns:
+            A device string.
+        """
+        return _cuda_device(self.device, self.device_count, cid)
+
+    @staticmethod
+    def worker(
+        config: ClientConfig,
+        payload: DownlinkPackage,
+        device: str,
+        stop_event: threading.Event,
+        *,
+        shm_buffer: BufferPackage | None = None,
+    ) -> BufferPackage:
+        """Train one client (runs in a worker process).
+
+        Write results into ``shm_buffer``'s tensors in place (``copy_``) and return the
+        package with those tensors replaced by :class:`~emberfl.core.SHMHandle`; tensors
+        returned directly are pickled instead (slower, but allowed).
+
+        Args:
+            config: The client's configuration (:meth:`get_client_config`).
+            payload: The server's downlink package; its tensors are read-only views of
+                shared memory.
+            device: Where to train.
+            stop_event: Stop early (e.g. between batches) once it is set.
+            shm_buffer: This worker's uplink buffer (views into its arena slot), filled
+                with :meth:`prepare_uplink_package_buffer`'s values.
+
+        Returns:
+            The client's buffer package.
+        """
+        ...
+
+    def prepare_uplink_package_buffer(self) -> BufferPackage:
+        """Return a buffer package whose tensors have the shape of one client's results.
+
+        Called once per round; its tensors define the arena slot layout and their values
+        are what each worker's ``shm_buffer`` starts from.
+
+        Returns:
+            The template buffer.
+        """
+        raise NotImplementedError
+
+    def convert_buffer_to_uplink(self, buffer: BufferPackage) -> UplinkPackage:
+        """Turn a rebuilt buffer package into the uplink package stored in ``cache``.
+
+        The default returns ``buffer`` unchanged (for when both types are the same).
+
+        Args:
+            buffer: The client's buffer package with its tensors restored.
+
+        Returns:
+            The uplink package.
+        """
+        return cast(UplinkPackage, buffer)
+
+    def local_process(self, payload: DownlinkPackage, cid_list: list[int]) -> None:
+        """Train ``cid_list`` in the worker processes and append their packages to ``cache``.
+
+        Args:
+            payload: The server's downlink package.
+            cid_list: The clients of this round.
+
+        Raises:
+            ClientError: If a worker raised; it names the client and carries the worker's
+                traceback. Running clients are stopped, nothing is cached, and the pool
+                stays usable.
+            WorkerDiedError: If a worker process died (killed by a signal, out of
+                memory, ...). The pool is shut down and restarts on the next call.
+            TensorMismatchError: If a worker left a tensor of the wrong shape or dtype in
+                its ``shm_buffer``.
+        """
+        pool = self._emberfl_pool()
+        self.stop_event.clear()
+        try:
+            try:
+                template: BufferPackage | None = self.prepare_uplink_package_buffer()
+            except NotImplementedError:
+                template = None
+            clients = [
+                (cid, self.get_client_device(cid), self.get_client_config(cid)) for cid in cid_list
+            ]
+            jobs: list[ClientJob[BufferPackage]] = pool.start_round(
+                type(self).worker, payload, template, clients
+            )
+            results = [self.convert_buffer_to_uplink(job.get()) for job in self.progress_fn(jobs)]
+        finally:
+            self.stop_event.set()
+            pool.finish_round()
+        self.cache.extend(results)
+
+    def _emberfl_pool(self) -> ProcessPool:
+        pool: ProcessPool | None = self.__dict__.get("_emberfl_process_pool")
+        if (
+            pool is not None
+            and pool.alive()
+            and pool.num_workers == self.num_parallels
+            and pool.stop_event is self.stop_event
+            and pool.intra_op_threads == self.intra_op_threads
+        ):
+            pool.drain_timeout_s = self.drain_timeout_s
+            return pool
+        if pool is not None:
+            pool.close()
+        if isinstance(self.stop_event, threading.Event):
+            raise ConfigError(
+                f"{type(self).__name__}.stop_event is a threading.Event, which worker "
+                "processes cannot share; use multiprocessing.get_context('spawn').Event() "
+                "(or a multiprocessing Manager().Event())"
+            )
+        if self.num_parallels < 1:
+            raise ConfigError(f"num_parallels must be >= 1, got {self.num_parallels}")
+        pool = ProcessPool(
+            self.num_parallels,
+            self.stop_event,
+            intra_op_threads=self.intra_op_threads,
+            drain_timeout_s=self.drain_timeout_s,
+        )
+        self.__dict__["_emberfl_process_pool"] = pool
+        return pool
+
+    def worker_pids(self) -> list[int]:
+        """Return the worker processes' ids (empty before the pool starts).
+
+        Returns:
+            One pid per worker process.
+        """
+        pool: ProcessPool | None = self.__dict__.get("_emberfl_process_pool")
+        return [] if pool is None or pool.closed else pool.pids()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes and release the shared memory. Idempotent.
+
+        Also shuts down ``self.manager`` if the subclass created a multiprocessing
+        manager there (BlazeFL's convention).
+        """
+        pool: ProcessPool | None = self.__dict__.pop("_emberfl_process_pool", None)
+        if pool is not None:
+            pool.close()
+        manager = self.__dict__.pop("manager", None)
+        shutdown = getattr(manager, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(
+        self,
+    ) -> ProcessPoolClientTrainer[UplinkPackage, DownlinkPackage, ClientConfig, BufferPackage]:
+        """Return the trainer; :meth:`shutdown` runs on exit."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Call :meth:`shutdown`."""
+        self.shutdown()
+
+    def __del__(self) -> None:
+        """Call :meth:`shutdown` when the trainer is garbage collected."""
+        with suppress(Exception):
+            self.shutdown()
