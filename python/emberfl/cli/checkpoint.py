@@ -1,0 +1,285 @@
+"""Crash-safe checkpoints of an ``emberfl run``, and atomic file writes.
+
+A checkpoint lives in ``RUN_DIR/checkpoint/``:
+
+* ``model-round-NNNNNN.safetensors``: the global model's state dict after round ``NNNNNN``;
+* ``state.json``: the round, the name and SHA-256 of that tensor file, the configuration,
+  the metrics so far, the server's generator states and the elapsed wall time.
+
+Every file is written atomically (a temporary file in the same folder, ``fsync``, then
+``os.replace`` and an ``fsync`` of the folder). The tensor file is written first under a
+new name and ``state.json``, which points to it, last; older tensor files are deleted only
+after that. A kill at any moment therefore leaves ``state.json`` naming a complete tensor
+file: the previous checkpoint or the new one, never a torn mix.
+
+emberfl draws every random number from counter-based streams keyed by
+``(seed, purpose, client, round)``, so resuming needs the round number and the global model,
+not generator positions; the server's own generator states are saved anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emberfl.errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "FORMAT",
+    "STATE_FILE",
+    "Checkpoint",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "load_model_file",
+    "save_checkpoint",
+    "save_model_file",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+"""The checkpoint folder inside a run directory."""
+STATE_FILE = "state.json"
+"""The checkpoint's JSON file."""
+FORMAT = "emberfl-checkpoint"
+"""The ``format`` tag of ``state.json``."""
+VERSION = 1
+"""The checkpoint format version this module writes and reads."""
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after a round.
+
+    Attributes:
+        round: Rounds completed.
+        model_state: The global model's state dict (CPU tensors).
+        config: The run's configuration (as in ``config.toml``).
+        metrics: One metrics row per completed round.
+        rng: Generator states of the server (JSON-ready).
+        wall_time_s: Seconds spent running so far.
+    """
+
+    round: int
+    model_state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename itself durable; not every file system supports it.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    Args:
+        path: The destination (its folder must exist).
+        data: The content.
+
+    Raises:
+        OSError: If the folder is not writable or the disk is full; the destination is
+            left untouched and the temporary file removed.
+    """
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` atomically; see :func:`atomic_write_bytes`.
+
+    Args:
+        path: The destination.
+        text: The content.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _tensor_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    data: bytes = save(tensors, metadata=metadata)
+    return data
+
+
+def save_model_file(
+    path: str | os.PathLike[str],
+    state: Mapping[str, torch.Tensor],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Save a state dict as a safetensors file, atomically.
+
+    The bytes depend only on the tensors and ``metadata``, so equal models give equal files
+    as long as ``metadata`` has at most one key (safetensors writes several keys in an
+    arbitrary order).
+
+    Args:
+        path: The destination.
+        state: The tensors (moved to the CPU).
+        metadata: String metadata stored in the file's header.
+    """
+    atomic_write_bytes(path, _tensor_bytes(state, metadata or {}))
+
+
+def load_model_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file written by :func:`save_model_file`.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The state dict, on the CPU.
+
+    Raises:
+        CheckpointError: If the file is missing or not a valid safetensors file.
+    """
+    from safetensors.torch import load
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        tensors: dict[str, torch.Tensor] = load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{p} is not a valid safetensors file ({exc})") from None
+    return tensors
+
+
+def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` into ``run_dir/checkpoint/``, crash-safely (see the module doc).
+
+    Args:
+        run_dir: The run directory.
+        checkpoint: What to save.
+
+    Returns:
+        The path of ``state.json``.
+
+    Raises:
+        OSError: If the folder cannot be written; the previous checkpoint stays valid.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    model_name = f"model-round-{checkpoint.round:06d}.safetensors"
+    data = _tensor_bytes(checkpoint.model_state, {"round": str(checkpoint.round)})
+    atomic_write_bytes(folder / model_name, data)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "round": checkpoint.round,
+        "model_file": model_name,
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+        "wall_time_s": checkpoint.wall_time_s,
+        "config": checkpoint.config,
+        "rng": checkpoint.rng,
+        "metrics": checkpoint.metrics,
+    }
+    state_path = folder / STATE_FILE
+    atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+    for old in folder.glob("model-round-*.safetensors"):
+        if old.name != model_name:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return state_path
+
+
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is corrupt ({what}); delete {path.parent} to restart the run "
+        "from round 0"
+    )
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
+    """Read the checkpoint of ``run_dir``.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The checkpoint, or ``None`` if the run has none yet.
+
+    Raises:
+        CheckpointError: If ``state.json`` or the tensor file is corrupt, missing or of
+            another format; the message says which file and what to do.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        return None
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(state_path, f"unreadable JSON: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise _corrupt(state_path, f"not an {FORMAT} file")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {state_path} has format version {state.get('version')!r}, but this "
+            f"emberfl reads version {VERSION}; resume it with the emberfl that wrote it"
+        )
+    try:
+        round_ = int(state["round"])
+        model_file = str(state["model_file"])
+        digest = str(state["model_sha256"])
+        config = dict(state["config"])
+        metrics = [dict(row) for row in state["metrics"]]
+        rng = dict(state.get("rng", {}))
+        wall_time_s = float(state.get("wall_time_s", 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(state_path, f"missing or malformed field {exc}") from None
+    if round_ < 0 or len(metrics) != round_ or "/" in model_file or "\\" in model_file:
+        raise _corrupt(state_path, "inconsistent round, metrics or model file name")
+    model_path = folder / model_file
+    try:
+        data = model_path.read_bytes()
+    except OSError as exc:
+        raise _corrupt(model_path, f"cannot read it: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _corrupt(model_path, "its SHA-256 does not match state.json")
+    from safetensors.torch import load
+
+    try:
+        model_state: dict[str, torch.Tensor] = load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise _corrupt(model_path, f"not a valid safetensors file: {exc}") from None
+    return Checkpoint(
+        round=round_,
+        model_state=model_state,
+        config=config,
+        metrics=metrics,
+        rng=rng,
+        wall_time_s=wall_time_s,
+    )

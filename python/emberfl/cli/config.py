@@ -1,0 +1,399 @@
+"""The configuration of ``emberfl run``: :class:`RunConfig`, TOML files and validation.
+
+A run's options come from three layers, later ones winning: the defaults below, a TOML
+file (``--config FILE``, one flat table whose keys are the field names of
+:class:`RunConfig`, e.g. ``num_clients = 20``; ``num-clients`` is accepted too) and the
+command line. The effective configuration is written to ``RUN_DIR/config.toml``, which is
+itself a valid ``--config`` file and what ``emberfl run --resume RUN_DIR`` reads back.
+
+Example:
+    >>> cfg = merge_config(RunConfig(), {"rounds": 3}, {"lr": 0.1}, source="example")
+    >>> cfg.rounds, cfg.lr, cfg.dataset
+    (3, 0.1, 'digits')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emberfl.data import DATASET_NAMES, PARTITION_METHODS
+from emberfl.errors import ConfigError
+from emberfl.models import MODEL_NAMES
+
+__all__ = [
+    "ALGORITHMS",
+    "MODES",
+    "PARTITION_OPTIONS",
+    "RESUME_OVERRIDABLE",
+    "RunConfig",
+    "check_keys",
+    "config_to_toml",
+    "load_config_file",
+    "merge_config",
+    "partition_options",
+    "resolve_device",
+]
+
+ALGORITHMS: tuple[str, ...] = ("fedavg",)
+"""The algorithms ``emberfl run`` can run."""
+
+MODES: tuple[str, ...] = ("serial", "thread", "process")
+"""The execution modes: one client after another, a thread pool, or worker processes."""
+
+PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
+    "iid": {},
+    "iid-lognormal": {"sigma": 0.5, "min_size": None},
+    "iid-dirichlet": {"alpha": 0.5, "min_size": None},
+    "dirichlet": {"alpha": 0.5, "min_size": None},
+    "shards": {"shards_per_client": 2},
+    "label-quantity": {"classes_per_client": 2},
+    "client-dirichlet": {"alpha": 0.5},
+}
+"""Each partition method's options and their defaults (``None``: chosen from the data,
+see :func:`partition_options`)."""
+
+RESUME_OVERRIDABLE: frozenset[str] = frozenset(
+    {"rounds", "mode", "parallelism", "device", "checkpoint_every", "quiet"}
+)
+"""Keys that ``emberfl run --resume`` may change: they do not alter the rounds already run
+(results are bitwise identical across modes and parallelism; ``rounds`` extends a run)."""
+
+_NOT_SAVED = frozenset({"output_dir", "quiet"})
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines an ``emberfl run`` experiment.
+
+    The defaults are the "no options" run: FedAvg on the UCI digits data set (offline),
+    split across 10 clients with Dirichlet(0.5) label skew; it reaches about 94% test
+    accuracy in 20 rounds and well under a minute on two CPU cores.
+
+    Attributes:
+        output_dir: The run directory (``None``: ``runs/<dataset>-<algorithm>-<time>``).
+        algorithm: One of :data:`ALGORITHMS`.
+        model: One of :data:`emberfl.models.MODEL_NAMES`.
+        dataset: One of :data:`emberfl.data.DATASET_NAMES`.
+        data_root: Folder of the on-disk data sets (``cifar10``, ``mnist``, ...).
+        partition: One of :data:`emberfl.data.PARTITION_METHODS`.
+        alpha: Dirichlet concentration (``dirichlet``, ``iid-dirichlet``,
+            ``client-dirichlet``; default 0.5).
+        sigma: Lognormal shape of client sizes (``iid-lognormal``; default 0.5).
+        shards_per_client: Shards per client (``shards``; default 2).
+        classes_per_client: Classes per client (``label-quantity``; default 2).
+        min_size: Smallest client size (``dirichlet``, ``iid-dirichlet``,
+            ``iid-lognormal``; default ``min(10, train size // (2 * num_clients))``).
+        num_clients: Clients in the federation.
+        rounds: Communication rounds.
+        sample_ratio: Fraction of clients that train in each round, in ``(0, 1]``.
+        epochs: Local epochs per round.
+        batch_size: Local batch size.
+        lr: Local SGD learning rate.
+        mode: One of :data:`MODES`; results are bitwise identical in every mode.
+        parallelism: Threads or worker processes (0: one per CPU core, at most one per
+            client of a round); ignored in serial mode.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: The experiment seed (partition, client sampling, model init, shuffling).
+        checkpoint_every: Save a checkpoint every this many rounds (0: only at the end).
+        quiet: No progress bars or tables; print only the run directory.
+    """
+
+    output_dir: str | None = None
+    algorithm: str = "fedavg"
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_root: str | None = None
+    partition: str = "dirichlet"
+    alpha: float | None = None
+    sigma: float | None = None
+    shards_per_client: int | None = None
+    classes_per_client: int | None = None
+    min_size: int | None = None
+    num_clients: int = 10
+    rounds: int = 20
+    sample_ratio: float = 1.0
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.2
+    mode: str = "serial"
+    parallelism: int = 0
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 5
+    quiet: bool = False
+
+    def validate(self) -> None:
+        """Check every value that can be checked without loading data.
+
+        Raises:
+            ConfigError: Naming the offending key, its value and what is allowed.
+        """
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("model", self.model, MODEL_NAMES)
+        _check_choice("dataset", self.dataset, DATASET_NAMES)
+        _check_choice("partition", self.partition, PARTITION_METHODS)
+        _check_choice("mode", self.mode, MODES)
+        for key in ("num_clients", "rounds", "epochs", "batch_size"):
+            _check_at_least(key, getattr(self, key), 1)
+        for key in ("parallelism", "checkpoint_every", "seed"):
+            _check_at_least(key, getattr(self, key), 0)
+        if self.seed >= 1 << 64:
+            raise ConfigError(f"seed must fit in 64 bits (0 <= seed < 2**64), got {self.seed}")
+        if not (math.isfinite(self.sample_ratio) and 0 < self.sample_ratio <= 1):
+            raise ConfigError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if int(self.num_clients * self.sample_ratio) < 1:
+            raise ConfigError(
+                f"sample_ratio={self.sample_ratio} selects no client out of "
+                f"num_clients={self.num_clients}; raise sample_ratio or num_clients"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        resolve_device(self.device)
+        allowed = PARTITION_OPTIONS[self.partition]
+        for key in _ALL_PARTITION_KEYS:
+            if getattr(self, key) is not None and key not in allowed:
+                listed = ", ".join(allowed) or "none"
+                raise ConfigError(
+                    f"partition {self.partition!r} does not use {key} (set to "
+                    f"{getattr(self, key)}); its options are: {listed}"
+                )
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(
+                f"alpha must be a positive number, got {self.alpha} (0.1 is strong skew, "
+                "100 nearly IID)"
+            )
+        if self.sigma is not None and not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        for key in ("shards_per_client", "classes_per_client"):
+            if getattr(self, key) is not None:
+                _check_at_least(key, getattr(self, key), 1)
+        if self.min_size is not None:
+            _check_at_least("min_size", self.min_size, 0)
+
+    def clients_per_round(self) -> int:
+        """Return how many clients train in each round."""
+        return max(1, int(self.num_clients * self.sample_ratio))
+
+    def workers(self) -> int:
+        """Return the number of threads or processes to use (``parallelism`` resolved)."""
+        if self.mode == "serial":
+            return 1
+        if self.parallelism > 0:
+            return self.parallelism
+        return max(1, min(os.cpu_count() or 1, self.clients_per_round()))
+
+
+_ALL_PARTITION_KEYS = ("alpha", "sigma", "shards_per_client", "classes_per_client", "min_size")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "output_dir": (str,),
+    "algorithm": (str,),
+    "model": (str,),
+    "dataset": (str,),
+    "data_root": (str,),
+    "partition": (str,),
+    "alpha": (float, int),
+    "sigma": (float, int),
+    "shards_per_client": (int,),
+    "classes_per_client": (int,),
+    "min_size": (int,),
+    "num_clients": (int,),
+    "rounds": (int,),
+    "sample_ratio": (float, int),
+    "epochs": (int,),
+    "batch_size": (int,),
+    "lr": (float, int),
+    "mode": (str,),
+    "parallelism": (int,),
+    "device": (str,),
+    "seed": (int,),
+    "checkpoint_every": (int,),
+    "quiet": (bool,),
+}
+_OPTIONAL = frozenset({"output_dir", "data_root", *_ALL_PARTITION_KEYS})
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_type(key: str, value: object) -> None:
+    if value is None and key in _OPTIONAL:
+        return
+    types = _FIELD_TYPES[key]
+    ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{key} must be {_TYPE_WORDS[types[0]]}, got {value!r} ({type(value).__name__})"
+        )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low}, got {value}")
+
+
+def resolve_device(device: str) -> str:
+    """Turn the ``device`` option into a PyTorch device string.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns:
+        ``cuda`` when ``auto`` and CUDA is available, else the device itself.
+
+    Raises:
+        ConfigError: For another value, or a CUDA device that is not available.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device[5:]) if ":" in device else 0
+        if index >= count:
+            raise ConfigError(
+                f"device {device!r} is not available ({count} CUDA device(s) found); "
+                "use --device cpu or auto"
+            )
+        return device
+    raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def partition_options(config: RunConfig, num_samples: int) -> dict[str, float | int]:
+    """Return the keyword options for :func:`emberfl.data.partition`, defaults filled in.
+
+    ``min_size`` defaults to ``min(10, num_samples // (2 * num_clients))`` (at least 1), so
+    the default Dirichlet split works from the 1437 digits to CIFAR's 50,000 samples.
+
+    Args:
+        config: A validated configuration.
+        num_samples: The size of the training split.
+
+    Returns:
+        The options of ``config.partition``.
+    """
+    options: dict[str, float | int] = {}
+    for key, default in PARTITION_OPTIONS[config.partition].items():
+        value = getattr(config, key)
+        if value is None:
+            value = default
+        if value is None:  # min_size: depends on the data
+            value = max(1, min(10, num_samples // (2 * config.num_clients)))
+        options[key] = value
+    return options
+
+
+def check_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Return ``values`` with ``-`` in keys turned into ``_``, checking every key.
+
+    Args:
+        values: A ``{key: value}`` layer (a TOML table, command-line options).
+        source: How to name the layer in error messages (e.g. the file name).
+
+    Returns:
+        The normalised layer.
+
+    Raises:
+        ConfigError: For an unknown key (with the closest valid one) or a table or array
+            value.
+    """
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key {raw_key!r}{hint}; valid keys: {', '.join(names)}"
+            )
+        if isinstance(value, dict | list):
+            kind = "a table" if isinstance(value, dict) else "an array"
+            raise ConfigError(f"{source}: key {raw_key!r} must be a single value, not {kind}")
+        out[key] = value
+    return out
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file into a ``{key: value}`` dict (keys not yet checked).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The file's top-level table.
+
+    Raises:
+        ConfigError: If the file is missing, unreadable or not valid TOML.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+
+
+def merge_config(base: RunConfig, *layers: Mapping[str, Any], source: str = "config") -> RunConfig:
+    """Return ``base`` updated by each layer in turn, validated.
+
+    Args:
+        base: The starting configuration (usually ``RunConfig()``).
+        *layers: ``{key: value}`` dicts (a TOML file's table, command-line options); keys
+            may use ``-`` or ``_``.
+        source: How to name the layers in error messages (e.g. the file name).
+
+    Returns:
+        The merged configuration.
+
+    Raises:
+        ConfigError: For an unknown key, a value of the wrong type or out of range.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(check_keys(layer, source))
+    config = dataclasses.replace(base, **merged)
+    for key in ("alpha", "sigma", "sample_ratio", "lr"):
+        value = getattr(config, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, float(value))
+    config.validate()
+    return config
+
+
+def config_to_toml(config: RunConfig) -> dict[str, Any]:
+    """Return the keys of ``config`` worth saving as ``RUN_DIR/config.toml``.
+
+    ``output_dir`` (the file's own folder) and ``quiet`` are left out, as are options that
+    are unset (``None``).
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        A TOML-ready dict in field order.
+    """
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_SAVED and getattr(config, f.name) is not None
+    }

@@ -1,0 +1,162 @@
+"""The :class:`~emberfl.core.PartitionedDataset` that ``emberfl run`` trains on.
+
+It holds an in-memory :class:`~emberfl.data.FLDataset` and a
+:class:`~emberfl.data.Partition` as plain tensors (so process-pool workers receive it
+through shared memory) and serves each client's training split without copying it. Batches
+are gathered with one indexing operation instead of one ``__getitem__`` per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from emberfl.algorithms.fedavg import FedAvgPartitionType
+from emberfl.data import FLDataset, Partition
+from emberfl.errors import ConfigError
+
+__all__ = ["TensorPartitionedDataset", "TensorSplit"]
+
+
+class TensorSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A view of some rows of an image and a label tensor.
+
+    Attributes:
+        x: All images ``(N, ...)``.
+        y: All labels ``(N,)``.
+        index: The rows of this split, or ``None`` for all of them.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Create the view.
+
+        Args:
+            x: All images.
+            y: All labels.
+            index: The rows of this split (int64), or ``None`` for all rows.
+        """
+        self.x = x
+        self.y = y
+        self.index = index
+
+    def __len__(self) -> int:
+        """Return the number of rows in the split."""
+        return int(self.y.shape[0] if self.index is None else self.index.shape[0])
+
+    def _rows(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions if self.index is None else self.index[positions]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(image, label)`` of the split's ``i``-th row."""
+        row = int(self._rows(torch.tensor([i]))[0])
+        return self.x[row], self.y[row]
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return a whole batch ``(images, labels)`` at once (used by :class:`DataLoader`)."""
+        rows = self._rows(torch.as_tensor(positions, dtype=torch.int64))
+        return self.x[rows], self.y[rows]
+
+
+def _batch_as_is(batch: Any) -> Any:
+    # TensorSplit.__getitems__ already returns a collated (images, labels) batch.
+    return batch
+
+
+class TensorPartitionedDataset:
+    """An :class:`~emberfl.data.FLDataset` split among clients by a partition.
+
+    ``get_dataset(TRAIN, cid)`` is client ``cid``'s share of the training split,
+    ``get_dataset(TRAIN, None)`` the whole training split and ``get_dataset(TEST, ...)``
+    the global test split (clients have no test split of their own).
+
+    Attributes:
+        train_x: Training images.
+        train_y: Training labels.
+        test_x: Test images.
+        test_y: Test labels.
+        client_index: One int64 tensor of training rows per client.
+    """
+
+    def __init__(self, data: FLDataset, partition: Partition) -> None:
+        """Create the data set.
+
+        Args:
+            data: The data set.
+            partition: Which training samples each client holds.
+
+        Raises:
+            ConfigError: If the partition does not cover the training split.
+        """
+        if partition.num_samples != data.num_train:
+            raise ConfigError(
+                f"the partition covers {partition.num_samples} samples but {data.name} has "
+                f"{data.num_train} training samples"
+            )
+        self.train_x = data.train_x
+        self.train_y = data.train_y
+        self.test_x = data.test_x
+        self.test_y = data.test_y
+        self.client_index = [torch.from_numpy(idx.copy()) for idx in partition]
+
+    @property
+    def num_clients(self) -> int:
+        """The number of clients."""
+        return len(self.client_index)
+
+    def get_dataset(self, type_: FedAvgPartitionType, cid: int | None) -> TensorSplit:
+        """Return a split.
+
+        Args:
+            type_: ``TRAIN`` or ``TEST``.
+            cid: The client, or ``None`` for the server (the whole split).
+
+        Returns:
+            The split.
+
+        Raises:
+            ConfigError: For a client id outside ``0..num_clients-1``.
+        """
+        if type_ == FedAvgPartitionType.TEST:
+            return TensorSplit(self.test_x, self.test_y, None)
+        if cid is None:
+            return TensorSplit(self.train_x, self.train_y, None)
+        if not 0 <= cid < self.num_clients:
+            raise ConfigError(f"client {cid} does not exist: there are {self.num_clients}")
+        return TensorSplit(self.train_x, self.train_y, self.client_index[cid])
+
+    def set_dataset(self, type_: FedAvgPartitionType, cid: int | None, dataset: Any) -> None:
+        """Not supported: the splits are fixed by the partition.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError("TensorPartitionedDataset's splits are fixed by its partition")
+
+    def get_dataloader(
+        self,
+        type_: FedAvgPartitionType,
+        cid: int | None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader[Any]:
+        """Return a loader over a split; training splits are shuffled by ``generator``.
+
+        Args:
+            type_: ``TRAIN`` or ``TEST``.
+            cid: The client, or ``None`` for the server.
+            batch_size: The batch size (the whole split if ``None``).
+            generator: Drives the shuffling of training splits.
+
+        Returns:
+            A loader yielding ``(images, labels)`` batches.
+        """
+        split = self.get_dataset(type_, cid)
+        return DataLoader(
+            split,
+            batch_size=batch_size or max(len(split), 1),
+            shuffle=type_ == FedAvgPartitionType.TRAIN and cid is not None,
+            generator=generator,
+            collate_fn=_batch_as_is,
+        )

@@ -1,0 +1,202 @@
+"""Per-round metrics of a run: ``metrics.jsonl``, ``metrics.csv`` and the summary table.
+
+Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
+
+* ``round``: rounds completed (1 for the first);
+* ``wall_time_s``: seconds since the run started (time spent killed before a resume
+  excluded); ``round_time_s``: this round's seconds, training and evaluation included;
+* ``num_clients``: clients that trained in the round;
+* ``train_loss``, ``train_accuracy``: the global model after the round, on the clients'
+  training data (at most :data:`TRAIN_EVAL_SAMPLES` samples, evenly spaced);
+* ``test_loss``, ``test_accuracy``: the global model after the round, on the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from emberfl.cli.checkpoint import atomic_write_text
+from emberfl.errors import CheckpointError
+
+__all__ = [
+    "CSV_FILE",
+    "JSONL_FILE",
+    "METRIC_FIELDS",
+    "TRAIN_EVAL_SAMPLES",
+    "MetricsLog",
+    "format_summary",
+    "read_metrics",
+]
+
+JSONL_FILE = "metrics.jsonl"
+"""One JSON object per round."""
+CSV_FILE = "metrics.csv"
+"""The same rows as CSV."""
+METRIC_FIELDS: tuple[str, ...] = (
+    "round",
+    "wall_time_s",
+    "round_time_s",
+    "num_clients",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+)
+"""The keys of a metrics row, in CSV column order."""
+TRAIN_EVAL_SAMPLES = 10_000
+"""The most training samples the global model is evaluated on after each round."""
+
+Row = dict[str, Any]
+
+
+def _csv_text(rows: Sequence[Row], *, header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` in a run directory.
+
+    Attributes:
+        run_dir: The run directory.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        """Create the log (no file is touched until :meth:`reset` or :meth:`append`).
+
+        Args:
+            run_dir: The run directory.
+        """
+        self.run_dir = Path(run_dir)
+
+    def reset(self, rows: Sequence[Row]) -> None:
+        """Rewrite both files with exactly ``rows`` (e.g. a checkpoint's, on resume).
+
+        Args:
+            rows: The rows so far.
+        """
+        atomic_write_text(
+            self.run_dir / JSONL_FILE, "".join(json.dumps(row) + "\n" for row in rows)
+        )
+        atomic_write_text(self.run_dir / CSV_FILE, _csv_text(rows, header=True))
+
+    def append(self, row: Row) -> None:
+        """Append one round's row to both files (flushed, so a kill loses at most it).
+
+        Args:
+            row: The round's metrics.
+        """
+        with (self.run_dir / JSONL_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        with (self.run_dir / CSV_FILE).open("a", encoding="utf-8", newline="") as f:
+            f.write(_csv_text([row], header=False))
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[Row]:
+    """Read ``metrics.jsonl`` of a run directory.
+
+    A last line cut short by a kill is skipped.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The rows, in round order (empty if the file does not exist).
+
+    Raises:
+        CheckpointError: If a line other than the last is not valid JSON.
+    """
+    path = Path(run_dir) / JSONL_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[Row] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise CheckpointError(f"{path}, line {i + 1}: not valid JSON") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _pick_rows(rows: Sequence[Row], max_rows: int) -> list[Row]:
+    if len(rows) <= max_rows:
+        return list(rows)
+    step = (len(rows) - 1) / (max_rows - 1)
+    picked = sorted({round(i * step) for i in range(max_rows)})
+    return [rows[i] for i in picked]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    if kind == "pct":
+        return f"{100 * value:.2f}%"
+    if kind == "int":
+        return str(int(value))
+    if kind == "time":
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
+    """Render metrics rows as a fixed-width table plus a one-line verdict.
+
+    Long runs are thinned to ``max_rows`` evenly spaced rounds (first and last kept).
+
+    Args:
+        rows: Metrics rows.
+        max_rows: The most table rows to show (at least 2).
+
+    Returns:
+        The table, or a note that no round has completed.
+    """
+    if not rows:
+        return "no round completed yet"
+    columns = (
+        ("round", "round", "int"),
+        ("clients", "num_clients", "int"),
+        ("train loss", "train_loss", "float"),
+        ("train acc", "train_accuracy", "pct"),
+        ("test loss", "test_loss", "float"),
+        ("test acc", "test_accuracy", "pct"),
+        ("time (s)", "wall_time_s", "time"),
+    )
+    shown = _pick_rows(rows, max(2, max_rows))
+    cells = [[_fmt(row.get(key), kind) for _, key, kind in columns] for row in shown]
+    widths = [
+        max(len(title), *(len(c[i]) for c in cells)) for i, (title, _, _) in enumerate(columns)
+    ]
+    lines = ["  ".join(t.rjust(w) for (t, _, _), w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    last = rows[-1]
+    accs = [
+        (r.get("test_accuracy"), r.get("round"))
+        for r in rows
+        if isinstance(r.get("test_accuracy"), int | float)
+    ]
+    if accs:
+        best_acc, best_round = max(accs, key=lambda a: (a[0], -(a[1] or 0)))
+        lines.append(
+            f"final test accuracy {_fmt(last.get('test_accuracy'), 'pct')} after "
+            f"{_fmt(last.get('round'), 'int')} rounds (best {_fmt(best_acc, 'pct')} at round "
+            f"{best_round}), {_fmt(last.get('wall_time_s'), 'time')} s"
+        )
+    return "\n".join(lines)

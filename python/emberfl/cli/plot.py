@@ -1,0 +1,127 @@
+"""``emberfl plot RUN_DIR``: accuracy and loss curves and the partition heatmap, as PNG.
+
+Figures are drawn on matplotlib's Agg canvas directly; pyplot and the global backend are
+never touched, so plotting works without a display and inside other programs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from emberfl.cli.metrics import read_metrics
+from emberfl.cli.run import CONFIG_FILE, PARTITION_CSV
+from emberfl.data import plot_partition_heatmap, read_partition_csv
+from emberfl.errors import ConfigError
+
+__all__ = ["ACCURACY_PNG", "LOSS_PNG", "PARTITION_PNG", "plot_curves", "plot_run"]
+
+ACCURACY_PNG = "accuracy.png"
+"""Train and test accuracy per round."""
+LOSS_PNG = "loss.png"
+"""Train and test loss per round."""
+PARTITION_PNG = "partition.png"
+"""The partition heatmap."""
+
+
+def plot_curves(
+    path: str | os.PathLike[str],
+    rows: Sequence[dict[str, Any]],
+    *,
+    keys: Sequence[tuple[str, str]],
+    ylabel: str,
+    title: str,
+    percent: bool = False,
+    dpi: int = 120,
+) -> None:
+    """Draw one line per metric against the round number and save it as PNG.
+
+    Args:
+        path: The PNG file (overwritten).
+        rows: Metrics rows (see :mod:`emberfl.cli.metrics`).
+        keys: ``(metric key, legend label)`` pairs.
+        ylabel: The y-axis label.
+        title: The figure title.
+        percent: Show values as percentages.
+        dpi: The resolution.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    scale = 100.0 if percent else 1.0
+    for key, label in keys:
+        points = [
+            (row["round"], scale * row[key])
+            for row in rows
+            if isinstance(row.get(key), int | float) and isinstance(row.get("round"), int)
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    ax.set_title(title)
+    fig.savefig(os.fspath(path), format="png")
+
+
+def plot_run(
+    run_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None
+) -> list[Path]:
+    """Render a run's curves and partition heatmap.
+
+    Args:
+        run_dir: The run directory.
+        out_dir: Where to write the PNGs (``run_dir`` by default; created if needed).
+
+    Returns:
+        The files written: ``accuracy.png`` and ``loss.png`` when the run has metrics,
+        ``partition.png`` when it has ``partition.csv``.
+
+    Raises:
+        ConfigError: If ``run_dir`` is not a run directory or ``out_dir`` is not writable.
+    """
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run} is not an emberfl run directory (no {CONFIG_FILE}); pass a folder that "
+            "`emberfl run` wrote"
+        )
+    dest = Path(out_dir) if out_dir is not None else run
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {dest}: {exc.strerror or exc}") from None
+    written: list[Path] = []
+    rows = read_metrics(run)
+    name = run.resolve().name
+    if rows:
+        plot_curves(
+            dest / ACCURACY_PNG,
+            rows,
+            keys=[("train_accuracy", "train"), ("test_accuracy", "test")],
+            ylabel="accuracy (%)",
+            title=f"{name}: accuracy of the global model",
+            percent=True,
+        )
+        plot_curves(
+            dest / LOSS_PNG,
+            rows,
+            keys=[("train_loss", "train"), ("test_loss", "test")],
+            ylabel="cross-entropy loss",
+            title=f"{name}: loss of the global model",
+        )
+        written += [dest / ACCURACY_PNG, dest / LOSS_PNG]
+    if (run / PARTITION_CSV).is_file():
+        plot_partition_heatmap(dest / PARTITION_PNG, read_partition_csv(run / PARTITION_CSV))
+        written.append(dest / PARTITION_PNG)
+    return written

@@ -1,0 +1,100 @@
+"""``emberfl report RUN_DIR``: a run's configuration, summary table and partition statistics,
+as plain text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from emberfl.cli.checkpoint import load_checkpoint
+from emberfl.cli.metrics import format_summary, read_metrics
+from emberfl.cli.run import CONFIG_FILE, FINAL_MODEL_FILE, PARTITION_CSV
+from emberfl.data import partition_stats, read_partition_csv
+from emberfl.errors import CheckpointError, ConfigError, EmberflError
+
+__all__ = ["format_report"]
+
+_STAT_LABELS = (
+    ("num_clients", "clients", "{:.0f}"),
+    ("num_classes", "classes", "{:.0f}"),
+    ("num_samples", "samples", "{:.0f}"),
+    ("min_size", "client size, min", "{:.0f}"),
+    ("max_size", "client size, max", "{:.0f}"),
+    ("mean_size", "client size, mean", "{:.1f}"),
+    ("std_size", "client size, std", "{:.1f}"),
+    ("empty_clients", "empty clients", "{:.0f}"),
+    ("min_classes_per_client", "classes per client, min", "{:.0f}"),
+    ("max_classes_per_client", "classes per client, max", "{:.0f}"),
+    ("mean_classes_per_client", "classes per client, mean", "{:.2f}"),
+    ("mean_tv_distance", "label skew (mean TV distance, 0 = IID)", "{:.3f}"),
+)
+
+
+def _status(run: Path, rounds_done: int) -> str:
+    if (run / FINAL_MODEL_FILE).is_file():
+        return f"complete ({rounds_done} rounds)"
+    try:
+        checkpoint = load_checkpoint(run)
+    except CheckpointError as exc:
+        return f"incomplete; checkpoint unusable: {exc}"
+    if checkpoint is None:
+        return f"incomplete ({rounds_done} rounds logged, no checkpoint)"
+    return (
+        f"incomplete ({rounds_done} rounds logged, checkpoint at round {checkpoint.round}); "
+        f"continue with: emberfl run --resume {run}"
+    )
+
+
+def format_report(run_dir: str | os.PathLike[str]) -> str:
+    """Return the report of a run directory.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The configuration (as TOML), the status, the summary table and the partition
+        statistics, as text.
+
+    Raises:
+        ConfigError: If ``run_dir`` is not a run directory.
+    """
+    run = Path(run_dir)
+    config_path = run / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError(
+            f"{run} is not an emberfl run directory (no {CONFIG_FILE}); pass a folder that "
+            "`emberfl run` wrote"
+        )
+    rows = read_metrics(run)
+    config_lines = [
+        line
+        for line in config_path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = [
+        f"run: {run}",
+        f"status: {_status(run, len(rows))}",
+        "",
+        "configuration",
+        *(f"  {line}" for line in config_lines),
+        "",
+        "summary",
+        *(f"  {line}" for line in format_summary(rows).splitlines()),
+        "",
+        "partition",
+    ]
+    csv_path = run / PARTITION_CSV
+    try:
+        stats = partition_stats(read_partition_csv(csv_path))
+    except FileNotFoundError:
+        parts.append(f"  no {PARTITION_CSV}")
+    except (EmberflError, ValueError) as exc:
+        parts.append(f"  {csv_path} is unreadable: {exc}")
+    else:
+        width = max(len(label) for _, label, _ in _STAT_LABELS)
+        parts += [
+            f"  {label.ljust(width)}  {fmt.format(stats[key])}"
+            for key, label, fmt in _STAT_LABELS
+            if key in stats
+        ]
+    return "\n".join(parts)

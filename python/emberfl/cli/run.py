@@ -1,0 +1,701 @@
+"""The experiment loop behind ``emberfl run``.
+
+:func:`run_experiment` loads the data set, partitions it, writes the run directory's
+``config.toml`` and partition report, then runs FedAvg round by round: it logs each round's
+metrics, checkpoints every ``checkpoint_every`` rounds and after the last one, and saves the
+final global model as ``final_model.safetensors``. With ``resume=True`` it continues a
+killed run from its last checkpoint; the result is bitwise identical to an uninterrupted run.
+
+What carries over between rounds, and is therefore checkpointed: the global model (the
+server handler's ``model``), the round counter (``round`` of the handler and of the
+trainer: it keys the client-sampling and client-training streams) and the handler's
+``rng_suite`` (used only to build its evaluation loader). The trainers rebuild each
+client's model from the downlink package and a fresh SGD optimizer (no momentum) every
+round, so they keep no other state.
+
+Layout of a run directory::
+
+    RUN_DIR/config.toml              effective configuration (a valid --config file)
+    RUN_DIR/partition.csv            class counts per client
+    RUN_DIR/partition.png            heatmap of the partition
+    RUN_DIR/metrics.jsonl            one JSON object per round
+    RUN_DIR/metrics.csv              the same, as CSV
+    RUN_DIR/checkpoint/              the last checkpoint (see emberfl.cli.checkpoint)
+    RUN_DIR/final_model.safetensors  the final global model's state dict
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from emberfl.algorithms.fedavg import (
+    FedAvgBaseClientTrainer,
+    FedAvgBaseServerHandler,
+    FedAvgDownlinkPackage,
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    FedAvgUplinkPackage,
+)
+from emberfl.cli.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpoint,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    save_model_file,
+)
+from emberfl.cli.config import (
+    RESUME_OVERRIDABLE,
+    RunConfig,
+    config_to_toml,
+    load_config_file,
+    merge_config,
+    partition_options,
+    resolve_device,
+)
+from emberfl.cli.dataset import TensorPartitionedDataset, TensorSplit
+from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
+from emberfl.core import intra_op_threads
+from emberfl.data import (
+    FLDataset,
+    Partition,
+    class_counts,
+    load_dataset,
+    partition,
+    plot_partition_heatmap,
+    read_partition_csv,
+    write_partition_csv,
+)
+from emberfl.errors import CheckpointError, ConfigError, EmberflError
+from emberfl.models import Models
+from emberfl.reproducibility import RNGSuite
+
+__all__ = [
+    "CONFIG_FILE",
+    "FINAL_MODEL_FILE",
+    "PARTITION_CSV",
+    "PARTITION_PNG",
+    "RunResult",
+    "default_run_dir",
+    "final_model_metadata",
+    "load_run_config",
+    "resume_config",
+    "run_experiment",
+]
+
+CONFIG_FILE = "config.toml"
+"""The effective configuration inside a run directory."""
+FINAL_MODEL_FILE = "final_model.safetensors"
+"""The final global model inside a run directory."""
+PARTITION_CSV = "partition.csv"
+"""The partition's class counts inside a run directory."""
+PARTITION_PNG = "partition.png"
+"""The partition heatmap inside a run directory."""
+EVAL_BATCH_SIZE = 512
+"""Batch size of the server-side evaluations (does not change any result)."""
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` produced.
+
+    Attributes:
+        run_dir: The run directory.
+        config: The effective configuration.
+        metrics: One row per round (see :mod:`emberfl.cli.metrics`).
+        final_model: Path of ``final_model.safetensors``.
+        resumed_from: The checkpoint round the run continued from (``None``: fresh run).
+    """
+
+    run_dir: Path
+    config: RunConfig
+    metrics: list[dict[str, Any]]
+    final_model: Path
+    resumed_from: int | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """tqdm bars on stderr, or nothing when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def bar(self, **kwargs: Any) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(file=sys.stderr, disable=not self.enabled, dynamic_ncols=True, **kwargs)
+
+    def wrap(self, it: list[_T], round_: int) -> Iterable[_T]:
+        if not self.enabled:
+            return it
+        return self.bar(  # type: ignore[no-any-return]
+            iterable=it, total=len(it), desc=f"round {round_ + 1}", unit="client", leave=False
+        )
+
+
+class _SerialTrainer(FedAvgBaseClientTrainer):
+    """The serial FedAvg trainer with a per-client progress bar."""
+
+    progress: _Progress = _Progress(False)
+    _bar: Any = None
+
+    def local_process(self, payload: FedAvgDownlinkPackage, cid_list: list[int]) -> None:
+        with self.progress.bar(
+            total=len(cid_list), desc=f"round {self.round + 1}", unit="client", leave=False
+        ) as bar:
+            self._bar = bar
+            try:
+                super().local_process(payload, cid_list)
+            finally:
+                self._bar = None
+
+    def train(
+        self, model_parameters: torch.Tensor, train_loader: DataLoader[Any], cid: int
+    ) -> FedAvgUplinkPackage:
+        package = super().train(model_parameters, train_loader, cid)
+        if self._bar is not None:
+            self._bar.update(1)
+        return package
+
+
+class _ThreadTrainer(FedAvgThreadPoolClientTrainer):
+    """The thread-pool FedAvg trainer with a per-client progress bar."""
+
+    progress: _Progress = _Progress(False)
+
+    def progress_fn(self, it: list[Any]) -> Iterable[Any]:
+        return self.progress.wrap(it, self.round)
+
+
+class _ProcessTrainer(FedAvgProcessPoolClientTrainer):
+    """The process-pool FedAvg trainer with a per-client progress bar."""
+
+    progress: _Progress = _Progress(False)
+
+    def progress_fn(self, it: list[Any]) -> Iterable[Any]:
+        return self.progress.wrap(it, self.round)
+
+
+# --------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------
+
+
+def default_run_dir(config: RunConfig, *, root: Path = Path("runs")) -> Path:
+    """Return a fresh ``runs/<dataset>-<algorithm>-<YYYYmmdd-HHMMSS>`` path.
+
+    Args:
+        config: The configuration.
+        root: The parent folder.
+
+    Returns:
+        A path that does not exist yet (``-2``, ``-3``, ... appended if needed).
+    """
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{config.dataset}-{config.algorithm}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """Read ``RUN_DIR/config.toml``.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        Its ``{key: value}`` table.
+
+    Raises:
+        ConfigError: If ``run_dir`` is not a run directory.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not an emberfl run directory (no {CONFIG_FILE}); pass the folder "
+            "an earlier `emberfl run` wrote"
+        )
+    return load_config_file(path)
+
+
+def _make_run_dir(path: Path) -> None:
+    if (path / CONFIG_FILE).exists() or (path / CHECKPOINT_DIR).exists():
+        raise ConfigError(
+            f"{path} already holds a run: continue it with `emberfl run --resume {path}` or "
+            "choose another --output-dir"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".emberfl-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to output directory {path}: {exc.strerror or exc}; choose another "
+            "--output-dir"
+        ) from None
+
+
+def _load_data(config: RunConfig) -> FLDataset:
+    on_disk = config.dataset not in ("digits", "synthetic-cifar10")
+    if on_disk and config.data_root is None:
+        raise ConfigError(
+            f"data set {config.dataset!r} is read from disk and nothing is downloaded: pass "
+            "--data-root FOLDER (or use --dataset digits, which works offline)"
+        )
+    if on_disk and not Path(config.data_root or "").expanduser().is_dir():
+        raise ConfigError(
+            f"--data-root {config.data_root} is not a folder; pass the folder that holds the "
+            f"{config.dataset} files"
+        )
+    try:
+        return load_dataset(
+            config.dataset,
+            data_root=config.data_root if on_disk else None,
+            seed=config.seed,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name != "torchvision":
+            raise
+        raise ConfigError(
+            f"data set {config.dataset!r} needs torchvision: pip install 'emberfl[vision]'"
+        ) from None
+
+
+def _train_eval_loader(dataset: FLDataset) -> DataLoader[Any]:
+    n = dataset.num_train
+    index = None
+    if n > TRAIN_EVAL_SAMPLES:
+        index = torch.from_numpy(np.linspace(0, n - 1, TRAIN_EVAL_SAMPLES).astype(np.int64))
+    split = TensorSplit(dataset.train_x, dataset.train_y, index)
+    # A private generator: a DataLoader draws a seed from it on every pass, and would
+    # otherwise draw from PyTorch's global generator.
+    return DataLoader(
+        split,
+        batch_size=EVAL_BATCH_SIZE,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _check_resumed_config(saved: dict[str, Any], config: RunConfig, where: str) -> None:
+    current = config_to_toml(config)
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_OVERRIDABLE:
+            continue
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"{where} was written for {key}={saved.get(key)!r}, but the run's "
+                f"config.toml has {key}={current.get(key)!r}; restore config.toml or delete "
+                "the checkpoint folder"
+            )
+
+
+def _rng_state(suite: RNGSuite) -> dict[str, Any]:
+    version, internal, gauss = suite.python.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": suite.numpy.bit_generator.state,
+        "torch_cpu": base64.b64encode(suite.torch_cpu.get_state().numpy().tobytes()).decode(),
+    }
+    if suite.torch_cuda is not None:
+        cuda = suite.torch_cuda.get_state().numpy().tobytes()
+        state["torch_cuda"] = base64.b64encode(cuda).decode()
+    return state
+
+
+def _restore_rng(suite: RNGSuite, state: dict[str, Any]) -> None:
+    def as_tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    try:
+        if "python" in state:
+            version, internal, gauss = state["python"]
+            suite.python.setstate((version, tuple(internal), gauss))
+        if "numpy" in state:
+            suite.numpy.bit_generator.state = state["numpy"]
+        if "torch_cpu" in state:
+            suite.torch_cpu.set_state(as_tensor(state["torch_cpu"]))
+        if "torch_cuda" in state and suite.torch_cuda is not None:
+            suite.torch_cuda.set_state(as_tensor(state["torch_cuda"]))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"the checkpoint's generator states are malformed ({exc})") from None
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:3]
+        extra = sorted(set(state) - set(expected))[:3]
+        raise CheckpointError(
+            f"the checkpoint's tensors do not match model {name!r} (missing {missing}, "
+            f"unexpected {extra}); it was written for another model"
+        )
+    for key, tensor in expected.items():
+        got = state[key]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} has shape {tuple(got.shape)} and dtype {got.dtype}, "
+                f"but model {name!r} expects {tuple(tensor.shape)} and {tensor.dtype}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def _build_trainer(
+    config: RunConfig,
+    models: Models,
+    dataset: TensorPartitionedDataset,
+    device: str,
+    progress: _Progress,
+) -> tuple[Any, AbstractContextManager[Any]]:
+    common: dict[str, Any] = {
+        "model_selector": models,
+        "model_name": config.model,
+        "dataset": dataset,
+        "device": device,
+        "num_clients": config.num_clients,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+    }
+    if config.mode == "serial":
+        serial = _SerialTrainer(**common)
+        serial.progress = progress
+        return serial, nullcontext()
+    if config.mode == "thread":
+        threads = _ThreadTrainer(**common, num_parallels=config.workers())
+        threads.progress = progress
+        return threads, nullcontext()
+    processes = _ProcessTrainer(**common, state_dir=None, num_parallels=config.workers())
+    processes.progress = progress
+    return processes, processes
+
+
+def _say(out: TextIO, config: RunConfig, text: str) -> None:
+    if not config.quiet:
+        print(text, file=out, flush=True)
+
+
+def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in options.items())
+    part = f"{config.partition}({opts})" if opts else config.partition
+    workers = "" if config.mode == "serial" else f" x{config.workers()}"
+    return (
+        f"{config.algorithm}: {config.model} on {data.name} ({data.num_train} train / "
+        f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "
+        f"x {config.clients_per_round()} clients x {config.epochs} epochs, batch "
+        f"{config.batch_size}, lr {config.lr}; {config.mode}{workers} on {device}, "
+        f"seed {config.seed}"
+    )
+
+
+def _write_partition_report(
+    run_dir: Path, counts: np.ndarray[Any, np.dtype[np.int64]], *, resume: bool
+) -> None:
+    csv_path = run_dir / PARTITION_CSV
+    if resume and csv_path.exists():
+        try:
+            saved = read_partition_csv(csv_path)
+        except EmberflError:
+            saved = None
+        if saved is None or not np.array_equal(saved, counts):
+            raise CheckpointError(
+                f"the partition rebuilt from config.toml differs from {csv_path}: the data set "
+                "or emberfl's partitioner changed since the run started, so it cannot resume"
+            )
+        if not (run_dir / PARTITION_PNG).exists():
+            plot_partition_heatmap(run_dir / PARTITION_PNG, counts)
+        return
+    write_partition_csv(csv_path, counts)
+    plot_partition_heatmap(run_dir / PARTITION_PNG, counts)
+
+
+def run_experiment(
+    config: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    out: TextIO | None = None,
+    progress: bool | None = None,
+) -> RunResult:
+    """Run (or resume) an experiment and write its results to a run directory.
+
+    Args:
+        config: The configuration (validated again here).
+        run_dir: The run directory; ``config.output_dir`` or :func:`default_run_dir` if
+            ``None``.
+        resume: Continue the run in ``run_dir`` from its checkpoint (from round 0 if it has
+            none). ``config`` must be the run's ``config.toml`` (with only the keys of
+            :data:`~emberfl.cli.config.RESUME_OVERRIDABLE` changed).
+        out: Where the header, the summary table and the results line go (stdout).
+        progress: Show progress bars; by default only when stderr is a terminal and the
+            run is not quiet.
+
+    Returns:
+        The run's results.
+
+    Raises:
+        ConfigError: For an invalid configuration, an impossible model or data set, or an
+            output directory that cannot be written.
+        PartitionError: If the partition cannot be made.
+        DatasetNotFoundError: If an on-disk data set is missing.
+        CheckpointError: If the checkpoint to resume from is corrupt or does not match.
+        ClientError: If a client's training raised.
+    """
+    stream = out if out is not None else sys.stdout
+    config.validate()
+    device = resolve_device(config.device)
+    show = progress if progress is not None else (not config.quiet and sys.stderr.isatty())
+    bars = _Progress(show)
+
+    data = _load_data(config)
+    options: dict[str, Any] = dict(partition_options(config, data.num_train))
+    config = dataclasses.replace(config, **options)
+    labels = data.train_y.numpy()
+    parts: Partition = partition(
+        labels, config.num_clients, method=config.partition, seed=config.seed, **options
+    )
+    counts = class_counts(labels, parts, data.num_classes)
+    models = Models(input_shape=data.input_shape, num_classes=data.num_classes, seed=config.seed)
+    models.select_model(config.model)  # fail early on a model/input-shape mismatch
+
+    if run_dir is None:
+        run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
+    checkpoint: Checkpoint | None = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        if checkpoint is not None:
+            _check_resumed_config(checkpoint.config, config, f"checkpoint in {run_dir}")
+            if checkpoint.round > config.rounds:
+                raise ConfigError(
+                    f"the checkpoint in {run_dir} is at round {checkpoint.round}, beyond "
+                    f"rounds={config.rounds}; pass --rounds {checkpoint.round} or more"
+                )
+    else:
+        _make_run_dir(run_dir)
+    toml_bytes = _toml_bytes(config)
+    atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
+    _write_partition_report(run_dir, counts, resume=resume)
+
+    start_round = checkpoint.round if checkpoint is not None else 0
+    _say(stream, config, _describe(config, data, device, options))
+    if resume:
+        _say(
+            stream,
+            config,
+            f"resuming {run_dir} from round {start_round}"
+            if checkpoint is not None
+            else f"no checkpoint in {run_dir}: starting it again from round 0",
+        )
+
+    pdata = TensorPartitionedDataset(data, parts)
+    server = FedAvgBaseServerHandler(
+        model_selector=models,
+        model_name=config.model,
+        dataset=pdata,
+        global_round=config.rounds,
+        num_clients=config.num_clients,
+        sample_ratio=config.sample_ratio,
+        device=device,
+        batch_size=EVAL_BATCH_SIZE,
+        seed=config.seed,
+    )
+    trainer, trainer_context = _build_trainer(config, models, pdata, device, bars)
+    metrics: list[dict[str, Any]] = []
+    elapsed_before = 0.0
+    if checkpoint is not None:
+        _load_model_state(server.model, checkpoint.model_state, config.model)
+        _restore_rng(server.rng_suite, checkpoint.rng)
+        server.round = trainer.round = checkpoint.round
+        metrics = list(checkpoint.metrics)
+        elapsed_before = checkpoint.wall_time_s
+    log = MetricsLog(run_dir)
+    log.reset(metrics)
+    train_loader = _train_eval_loader(data)
+    started = time.perf_counter()
+
+    def wall_time() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def checkpoint_now() -> None:
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                round=server.round,
+                model_state=server.model.state_dict(),
+                config=config_to_toml(config),
+                metrics=metrics,
+                rng=_rng_state(server.rng_suite),
+                wall_time_s=wall_time(),
+            ),
+        )
+
+    try:
+        # One intra-op thread, as the trainers use: evaluation and aggregation copies on a
+        # busy machine are many times slower with OpenMP threads spinning against each other.
+        with server, trainer_context, intra_op_threads(1):
+            round_bar = bars.bar(
+                total=config.rounds, initial=start_round, desc="rounds", unit="round"
+            )
+            with round_bar:
+                for row in _rounds(server, trainer, train_loader, device, wall_time):
+                    metrics.append(row)
+                    log.append(row)
+                    every = config.checkpoint_every
+                    if server.is_stopped() or (every > 0 and server.round % every == 0):
+                        checkpoint_now()
+                    round_bar.set_postfix(test_acc=f"{100 * row['test_accuracy']:.1f}%")
+                    round_bar.update(1)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted after round {server.round}; continue with: emberfl run --resume "
+            f"{run_dir}",
+            file=sys.stderr,
+        )
+        raise
+
+    final_path = run_dir / FINAL_MODEL_FILE
+    save_model_file(
+        final_path,
+        server.model.state_dict(),
+        metadata=final_model_metadata(config, server.round),
+    )
+    if config.quiet:
+        print(run_dir, file=stream, flush=True)
+    else:
+        _say(stream, config, format_summary(metrics))
+        _say(stream, config, f"results in {run_dir}")
+    return RunResult(
+        run_dir=run_dir,
+        config=config,
+        metrics=metrics,
+        final_model=final_path,
+        resumed_from=start_round if resume else None,
+    )
+
+
+def final_model_metadata(config: RunConfig, round_: int) -> dict[str, str]:
+    """Return the header metadata of ``final_model.safetensors``.
+
+    It is one key holding sorted JSON: safetensors writes several metadata keys in an
+    arbitrary order, which would make equal models give different bytes.
+
+    Args:
+        config: The run's configuration.
+        round_: Rounds completed.
+
+    Returns:
+        ``{"emberfl": '{"algorithm": ..., "dataset": ..., "model": ..., "round": ...}'}``.
+    """
+    info = {
+        "algorithm": config.algorithm,
+        "dataset": config.dataset,
+        "model": config.model,
+        "round": round_,
+    }
+    return {"emberfl": json.dumps(info, sort_keys=True)}
+
+
+def _toml_bytes(config: RunConfig) -> bytes:
+    import tomli_w
+
+    header = "# emberfl run configuration; reuse it with: emberfl run --config FILE\n"
+    return (header + tomli_w.dumps(config_to_toml(config))).encode("utf-8")
+
+
+def _rounds(
+    server: FedAvgBaseServerHandler,
+    trainer: Any,
+    train_loader: DataLoader[Any],
+    device: str,
+    wall_time: Callable[[], float],
+) -> Iterator[dict[str, Any]]:
+    """Run the remaining rounds, yielding each round's metrics row."""
+    while not server.is_stopped():
+        round_start = time.perf_counter()
+        before = server.round
+        cids = server.sample_clients()
+        trainer.local_process(server.downlink_package(), cids)
+        for package in trainer.uplink_package():
+            server.load(package)
+        if server.round != before + 1:
+            raise RuntimeError(
+                f"round {before + 1} did not complete: the trainer returned packages for "
+                f"fewer than the {len(cids)} sampled clients"
+            )
+        summary = server.get_summary()
+        train_loss, train_acc = FedAvgBaseServerHandler.evaluate(server.model, train_loader, device)
+        yield {
+            "round": server.round,
+            "wall_time_s": round(wall_time(), 3),
+            "round_time_s": round(time.perf_counter() - round_start, 3),
+            "num_clients": len(cids),
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "test_loss": float(summary["server_loss"]),
+            "test_accuracy": float(summary["server_acc"]),
+        }
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    """Return the configuration to resume ``run_dir`` with.
+
+    Args:
+        run_dir: The run directory.
+        overrides: Command-line options; only keys of
+            :data:`~emberfl.cli.config.RESUME_OVERRIDABLE` may differ from ``config.toml``.
+
+    Returns:
+        The run's configuration with the overrides applied.
+
+    Raises:
+        ConfigError: If ``run_dir`` is not a run directory or an override would change the
+            experiment.
+    """
+    saved = merge_config(RunConfig(), load_run_config(run_dir), source=str(run_dir / CONFIG_FILE))
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in RESUME_OVERRIDABLE or key == "output_dir":
+            continue
+        if getattr(saved, key, value) != value:
+            raise ConfigError(
+                f"--resume continues {run_dir} with its own {key}={getattr(saved, key)!r}; "
+                f"drop the {key.replace('_', '-')} option or start a new run"
+            )
+    merged = merge_config(saved, {k: v for k, v in overrides.items() if k != "output_dir"})
+    merged.output_dir = str(run_dir)
+    return merged

@@ -1,0 +1,108 @@
+"""Build emberfl's built-in models by name, reproducibly: :class:`Models`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+from emberfl.errors import ConfigError
+from emberfl.models.cnn import SmallCNN, TutorialCNN
+from emberfl.models.mlp import MLP
+from emberfl.models.resnet import ResNet18
+from emberfl.rng import Purpose, stream
+
+__all__ = ["MODEL_NAMES", "ModelName", "Models"]
+
+
+class ModelName(StrEnum):
+    """The models :class:`Models` builds."""
+
+    CNN = "cnn"
+    """The PyTorch CIFAR-10 tutorial CNN (:class:`~emberfl.models.cnn.TutorialCNN`)."""
+    SMALL_CNN = "small-cnn"
+    """A small two-block CNN (:class:`~emberfl.models.cnn.SmallCNN`)."""
+    MLP = "mlp"
+    """Two hidden layers of 200 units (:class:`~emberfl.models.mlp.MLP`)."""
+    RESNET18 = "resnet18"
+    """CIFAR-style ResNet-18 (:class:`~emberfl.models.resnet.ResNet18`)."""
+
+
+MODEL_NAMES: tuple[str, ...] = tuple(m.value for m in ModelName)
+"""The names :meth:`Models.select_model` accepts."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """A :class:`~emberfl.core.ModelSelector` for the built-in models.
+
+    Every model it returns starts from the same weights for a given ``(seed, name)``: they
+    are drawn from the emberfl stream ``(seed, purpose=MODEL_INIT)``, so the server and
+    every client (thread or process) agree, and a resumed run rebuilds the same model. It
+    is a small frozen dataclass, so it pickles cheaply to worker processes.
+
+    Attributes:
+        input_shape: One sample's shape, e.g. ``(1, 8, 8)`` or ``(3, 32, 32)``.
+        num_classes: The number of outputs.
+        seed: The experiment seed.
+
+    Example:
+        >>> models = Models(input_shape=(1, 8, 8), num_classes=10, seed=0)
+        >>> net = models.select_model("small-cnn")
+        >>> tuple(net(torch.zeros(2, 1, 8, 8)).shape)
+        (2, 10)
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Check the shape and class count.
+
+        Raises:
+            ConfigError: If ``num_classes < 1`` or a dimension of ``input_shape`` is < 1.
+        """
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise ConfigError(f"input_shape must be non-empty and positive, got {self.input_shape}")
+
+    def select_model(self, model_name: ModelName | str) -> nn.Module:
+        """Return a freshly initialised model.
+
+        The weights are drawn while PyTorch's global CPU generator is temporarily seeded
+        from the model-init stream (:func:`torch.random.fork_rng`), and the generator is
+        restored afterwards. Call it from one thread at a time.
+
+        Args:
+            model_name: One of :data:`MODEL_NAMES`.
+
+        Returns:
+            The model, on the CPU, in training mode.
+
+        Raises:
+            ConfigError: For an unknown name, or an input shape the model cannot take.
+        """
+        try:
+            name = ModelName(model_name)
+        except ValueError:
+            raise ConfigError(
+                f"unknown model {str(model_name)!r}; choose one of: {', '.join(MODEL_NAMES)}"
+            ) from None
+        init_seed = stream(self.seed, purpose=Purpose.MODEL_INIT).torch_seed()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return _build(name, self.input_shape, self.num_classes)
+
+
+def _build(name: ModelName, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if name is ModelName.CNN:
+        return TutorialCNN(input_shape, num_classes)
+    if name is ModelName.SMALL_CNN:
+        return SmallCNN(input_shape, num_classes)
+    if name is ModelName.MLP:
+        return MLP(input_shape, num_classes)
+    return ResNet18(input_shape, num_classes)
