@@ -1,0 +1,241 @@
+"""emberfl's side of the side-by-side FL benchmark (and the data every framework reads).
+
+Runs emberfl's FedAvg (:mod:`emberfl.algorithms.fedavg`) on the shared workload
+(:mod:`fl_workload`) in one execution mode, timing every round from the server's side
+with a per-phase breakdown (:mod:`emberfl_timing`), and writes one JSON record.
+
+Usage:
+    python benches/bench_emberfl.py --preset small --mode process --parallelism 2 \\
+        [--model cnn] [--data-dir DIR] [--threads 1] [--out FILE]
+
+``--data-dir`` defaults to ``benches/results/data-<preset>``; the data are generated there
+with :func:`emberfl.data.synthetic_cifar10` if missing. Prints the JSON record and a
+one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import emberfl
+from emberfl.algorithms.fedavg import FedAvgBaseServerHandler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from emberfl_timing import (
+    TimedProcessPoolTrainer,
+    TimedSerialTrainer,
+    TimedThreadPoolTrainer,
+    Trainer,
+    run_rounds,
+)
+from fl_workload import (
+    PRESETS,
+    InMemoryPartitionedDataset,
+    WorkloadConfig,
+    WorkloadModelSelector,
+    load_workload_data,
+    model_checksum,
+    pin_threads,
+    result_record,
+    save_workload_data,
+    warm_up_torch,
+)
+
+__all__ = ["MODES", "prepare_data", "run_emberfl"]
+
+MODES = ("serial", "thread", "process")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_DATA_FIELDS = ("num_train", "num_test", "num_clients", "shards_per_client", "seed")
+
+
+def prepare_data(config: WorkloadConfig, directory: Path) -> Path:
+    """Generate the workload's data with emberfl into ``directory`` unless already there.
+
+    Images and labels come from :func:`emberfl.data.synthetic_cifar10`, the partition from
+    :func:`emberfl.data.partition` (``"shards"``, ``shards_per_client`` per client, as
+    BlazeFL's benchmark). Existing data are reused when they were made with the same
+    sizes and seed.
+
+    Args:
+        config: The workload.
+        directory: The data directory.
+
+    Returns:
+        ``directory``.
+    """
+    from emberfl.data import partition, synthetic_cifar10
+
+    meta = directory / "meta.json"
+    if meta.exists():
+        made = json.loads(meta.read_text())["config"]
+        if all(made.get(k) == getattr(config, k) for k in _DATA_FIELDS):
+            return directory
+    ds = synthetic_cifar10(config.num_train, config.num_test, seed=config.seed)
+    labels = ds.train_y.numpy()
+    part = partition(
+        labels,
+        config.num_clients,
+        method="shards",
+        seed=config.seed,
+        shards_per_client=config.shards_per_client,
+    )
+    arrays = {
+        "train_x": ds.train_x.numpy(),
+        "train_y": labels.astype(np.int64),
+        "test_x": ds.test_x.numpy(),
+        "test_y": ds.test_y.numpy().astype(np.int64),
+        "owner": part.owner().astype(np.int64),
+    }
+    save_workload_data(directory, arrays, config)
+    return directory
+
+
+def _make_trainer(
+    mode: str,
+    config: WorkloadConfig,
+    dataset: InMemoryPartitionedDataset,
+    selector: WorkloadModelSelector,
+    parallelism: int,
+    threads: int,
+    state_dir: Path,
+) -> Trainer:
+    common: dict[str, Any] = {
+        "model_selector": selector,
+        "model_name": config.model,
+        "dataset": dataset,
+        "device": "cpu",
+        "num_clients": config.num_clients,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "intra_op_threads": threads,
+    }
+    if mode == "serial":
+        return TimedSerialTrainer(**common)
+    if mode == "thread":
+        return TimedThreadPoolTrainer(num_parallels=parallelism, **common)
+    if mode == "process":
+        return TimedProcessPoolTrainer(state_dir=state_dir, num_parallels=parallelism, **common)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+def run_emberfl(
+    config: WorkloadConfig,
+    data_dir: Path,
+    *,
+    mode: str,
+    parallelism: int,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Run emberfl's FedAvg on the workload and return the JSON record.
+
+    Only the round loop is timed (not loading data or building the server); a process
+    pool starts inside round one, so its start-up is counted there.
+
+    Args:
+        config: The workload.
+        data_dir: Data written by :func:`prepare_data`.
+        mode: ``"serial"``, ``"thread"`` or ``"process"``.
+        parallelism: Clients at once (1 for ``serial``).
+        threads: PyTorch intra-op threads per client.
+
+    Returns:
+        The record (see :func:`fl_workload.result_record`), with a per-round
+        ``breakdown``.
+    """
+    pin_threads(threads)
+    warm_up_torch()
+    data = load_workload_data(data_dir)
+    dataset = InMemoryPartitionedDataset(data)
+    selector = WorkloadModelSelector(seed=config.seed)
+    handler = FedAvgBaseServerHandler(
+        model_selector=selector,
+        model_name=config.model,
+        dataset=dataset,  # type: ignore[arg-type]
+        global_round=config.rounds,
+        num_clients=config.num_clients,
+        sample_ratio=config.sample_ratio,
+        device="cpu",
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    parallelism = 1 if mode == "serial" else parallelism
+    with tempfile.TemporaryDirectory(prefix="emberfl-bench-") as state:
+        trainer = _make_trainer(mode, config, dataset, selector, parallelism, threads, Path(state))
+        try:
+            rounds, breakdown, summary = run_rounds(handler, trainer, parallelism)
+        finally:
+            shutdown = getattr(trainer, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            handler.close()
+    return result_record(
+        framework="emberfl",
+        framework_version=emberfl.__version__,
+        mode=mode,
+        parallelism=parallelism,
+        config=config,
+        threads=threads,
+        round_seconds=rounds,
+        checksum=model_checksum(handler.model),
+        data_dir=data_dir,
+        summary=summary,
+        breakdown=breakdown,
+    )
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """Return the one-line summary of a record."""
+    return (
+        f"SUMMARY {record['framework']} {record['mode']} P={record['parallelism']} "
+        f"model={record['config']['model']}: {record['total_seconds']:.2f}s over "
+        f"{len(record['round_seconds'])} rounds, acc={record['summary'].get('server_acc', 0):.3f}, "
+        f"checksum={record['checksum'][:12]}"
+    )
+
+
+def main() -> None:
+    """Parse arguments, run one mode, print and save the record."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--config-json", help="a WorkloadConfig as JSON (overrides --preset)")
+    parser.add_argument("--model", choices=("cnn", "resnet18"))
+    parser.add_argument("--mode", choices=MODES, default="serial")
+    parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    config = (
+        WorkloadConfig.from_dict(json.loads(args.config_json))
+        if args.config_json
+        else PRESETS[args.preset]
+    )
+    if args.model:
+        config = config.replace(model=args.model)
+    data_dir = args.data_dir or RESULTS_DIR / f"data-{args.preset}"
+    prepare_data(config, data_dir)
+    torch.manual_seed(config.seed)
+    record = run_emberfl(
+        config, data_dir, mode=args.mode, parallelism=args.parallelism, threads=args.threads
+    )
+    text = json.dumps(record, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    print(summary_line(record))
+
+
+if __name__ == "__main__":
+    main()

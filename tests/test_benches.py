@@ -1,0 +1,100 @@
+"""Smoke test of the side-by-side benchmark's emberfl side (no peer venvs needed).
+
+Runs emberfl's FedAvg on the ``tiny`` workload in-process, in serial and thread-pool mode,
+and checks the JSON record's fields, the per-round breakdown and that the two modes end
+with the same global model; also checks the side-by-side runner's planning and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+sys.path.insert(0, str(BENCHES))
+
+import bench_emberfl  # noqa: E402
+import fl_workload  # noqa: E402
+import side_by_side  # noqa: E402
+
+TINY = fl_workload.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny workload's data, generated once."""
+    return bench_emberfl.prepare_data(TINY, tmp_path_factory.mktemp("data"))
+
+
+def test_data_is_the_workload(data_dir: Path) -> None:
+    """The saved data have the configured sizes and one non-empty split per client."""
+    data = fl_workload.load_workload_data(data_dir)
+    assert tuple(data.train_x.shape) == (TINY.num_train, 3, 32, 32)
+    assert tuple(data.test_x.shape) == (TINY.num_test, 3, 32, 32)
+    assert data.num_clients == TINY.num_clients
+    assert sum(len(i) for i in data.client_indices) == TINY.num_train
+    lazy = fl_workload.LazyPartitionedDataset(data_dir)
+    eager = fl_workload.InMemoryPartitionedDataset(data)
+    for cid in range(TINY.num_clients):
+        a, b = lazy.get_dataset("train", cid), eager.get_dataset("train", cid)
+        assert len(a) == len(b) > 0
+        assert bool((a[0][0] == b[0][0]).all())
+    assert bench_emberfl.prepare_data(TINY, data_dir) == data_dir  # reused, not rebuilt
+
+
+def test_models_are_seeded() -> None:
+    """The same seed gives the same model; the CNN has the tutorial's parameter count."""
+    a = fl_workload.build_model("cnn", seed=1)
+    b = fl_workload.build_model("cnn", seed=1)
+    assert fl_workload.model_checksum(a) == fl_workload.model_checksum(b)
+    assert sum(p.numel() for p in a.parameters()) == 62_006
+    resnet = fl_workload.build_model("resnet18", seed=0)
+    assert sum(p.numel() for p in resnet.parameters()) == 11_181_642
+
+
+def test_emberfl_record(data_dir: Path) -> None:
+    """A run's JSON has the config, versions, per-round times, breakdown and checksum."""
+    serial = bench_emberfl.run_emberfl(TINY, data_dir, mode="serial", parallelism=1)
+    thread = bench_emberfl.run_emberfl(TINY, data_dir, mode="thread", parallelism=2)
+    for record in (serial, thread):
+        json.dumps(record)  # JSON-ready
+        assert record["framework"] == "emberfl"
+        assert record["config"] == TINY.to_dict()
+        assert len(record["round_seconds"]) == TINY.rounds
+        assert record["total_seconds"] == pytest.approx(sum(record["round_seconds"]))
+        assert len(record["checksum"]) == 64
+        assert record["data_digest"]
+        assert 0.0 <= record["summary"]["server_acc"] <= 1.0
+        for row in record["breakdown"]:
+            parts = row["dispatch_s"] + row["local_process_s"] + row["aggregation_s"]
+            assert parts + row["evaluation_s"] == pytest.approx(row["round_s"])
+            assert row["client_sum_s"] > 0
+            assert row["clients"] == TINY.num_clients
+    assert thread["parallelism"] == 2
+    assert serial["checksum"] == thread["checksum"]  # emberfl: bitwise equal across modes
+    assert "SUMMARY emberfl serial" in bench_emberfl.summary_line(serial)
+
+
+def test_side_by_side_plan_and_summary() -> None:
+    """Runs are interleaved, serial only at P=1, and ratios are peer time / emberfl time."""
+    runs = side_by_side.plan(["emberfl", "blazefl", "flower"], ["serial", "process"], [1, 2], 1)
+    names = [r.name for r in runs]
+    assert names[:3] == ["emberfl-serial-P1-r0", "blazefl-serial-P1-r0", "emberfl-process-P1-r0"]
+    assert "emberfl-serial-P2-r0" not in names
+    assert names.count("flower-ray-P2-r0") == 1
+
+    def rec(seconds: float, checksum: str = "c") -> dict[str, object]:
+        return {"total_seconds": seconds, "checksum": checksum, "round_seconds": [seconds]}
+
+    records = {
+        "emberfl/process/P2": [rec(2.0)],
+        "blazefl/process/P2": [rec(8.0, "d")],
+        "flower/ray/P2": [rec(10.0, "e")],
+    }
+    summary = side_by_side.summarise(records)  # type: ignore[arg-type]
+    assert summary["speedup"]["process/P2 vs blazefl"] == pytest.approx(4.0)
+    assert summary["speedup"]["process/P2 vs flower"] == pytest.approx(5.0)
+    assert "| blazefl | process | 2 |" in side_by_side.markdown(summary, records)  # type: ignore[arg-type]
