@@ -616,8 +616,9 @@ class FedAvgProcessPoolClientTrainer(
         num_parallels: int,
         *,
         intra_op_threads: int | None = 1,
+        start_workers: bool = True,
     ) -> None:
-        """Create the trainer (the worker processes start on the first round).
+        """Create the trainer and start its worker processes in the background.
 
         Args:
             model_selector: Builds the local model (sent to each worker once).
@@ -632,6 +633,8 @@ class FedAvgProcessPoolClientTrainer(
             seed: The experiment seed.
             num_parallels: Number of worker processes.
             intra_op_threads: PyTorch's intra-op thread count in each worker.
+            start_workers: Spawn the workers now (see :meth:`start`) rather than on the
+                first round.
         """
         self.num_parallels = num_parallels
         self.device = device
@@ -650,6 +653,8 @@ class FedAvgProcessPoolClientTrainer(
         self.intra_op_threads = intra_op_threads
         self.stop_event = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
         self.model_parameters_buffer = serialize_model(model_selector.select_model(model_name))
+        if start_workers:
+            self.start()
 
     def progress_fn(
         self, it: list[ClientJob[FedAvgProcessPoolUplinkPackage]]

@@ -353,6 +353,18 @@ class ProcessPoolClientTrainer(
             pool.finish_round()
         self.cache.extend(results)
 
+    def start(self) -> None:
+        """Start the worker processes now rather than on the first round.
+
+        Spawning returns at once; the workers import PyTorch in the background while the
+        caller goes on (loading data, building the server), so the first round does not
+        pay for the start-up. Idempotent.
+
+        Raises:
+            ConfigError: ``num_parallels`` < 1 or a ``stop_event`` workers cannot share.
+        """
+        self._emberfl_pool()
+
     def _emberfl_pool(self) -> ProcessPool:
         pool: ProcessPool | None = self.__dict__.get("_emberfl_process_pool")
         if (
