@@ -49,21 +49,13 @@ impl Stream {
 
     /// `n` raw 64-bit words.
     fn random_raw<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let v = run_detached(py, n, || {
-            let mut v = vec![0u64; n];
-            self.with(|s| s.fill_u64(&mut v));
-            v
-        })?;
+        let v = run_detached(py, n, || self.with(|s| s.raw_vec(n)))?;
         Ok(PyArray1::from_vec(py, v))
     }
 
     /// `n` doubles uniform in [0, 1).
     fn random<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let v = run_detached(py, n, || {
-            let mut v = vec![0f64; n];
-            self.with(|s| s.fill_f64(&mut v));
-            v
-        })?;
+        let v = run_detached(py, n, || self.with(|s| s.random_vec(n)))?;
         Ok(PyArray1::from_vec(py, v))
     }
 

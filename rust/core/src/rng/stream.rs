@@ -149,10 +149,49 @@ impl Stream {
         }
     }
 
+    /// `n` raw words in a new vector (no zero-filling pass).
+    pub fn raw_vec(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && self.buffer_pos < BUFFER_SIZE {
+            out.push(self.next_u64());
+        }
+        while n - out.len() >= BUFFER_SIZE {
+            increment(&mut self.counter);
+            out.extend_from_slice(&philox4x64_10(self.counter, self.key));
+        }
+        while out.len() < n {
+            out.push(self.next_u64());
+        }
+        out
+    }
+
+    /// `n` uniform doubles in [0, 1) in a new vector (numpy's `Generator.random`).
+    pub fn random_vec(&mut self, n: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(n);
+        let mut words = [0u64; 256];
+        let mut left = n;
+        while left > 0 {
+            let w = &mut words[..left.min(256)];
+            self.fill_u64(w);
+            out.extend(
+                w.iter()
+                    .map(|&word| (word >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)),
+            );
+            left -= w.len();
+        }
+        out
+    }
+
     /// Uniform doubles in [0, 1) (numpy's `Generator.random`).
     pub fn fill_f64(&mut self, out: &mut [f64]) {
-        for x in out.iter_mut() {
-            *x = self.next_f64();
+        // Raw words in bulk, then converted: the same values as repeated `next_f64`.
+        let mut words = [0u64; 256];
+        for chunk in out.chunks_mut(256) {
+            let w = &mut words[..chunk.len()];
+            self.fill_u64(w);
+            for (x, &word) in chunk.iter_mut().zip(w.iter()) {
+                *x = (word >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0);
+            }
         }
     }
 
@@ -309,6 +348,28 @@ mod tests {
     fn counter_carries() {
         let mut s = Stream::new([5, 6], [u64::MAX, 7, 0, 0]);
         assert_eq!(s.next_u64(), philox4x64_10([0, 8, 0, 0], [5, 6])[0]);
+    }
+
+    #[test]
+    fn bulk_doubles_match_single_draws() {
+        let mut a = Stream::for_client(3, 1, 4, 1);
+        let mut b = a.clone();
+        a.next_u64();
+        b.next_u64();
+        let mut out = vec![0f64; 1000];
+        a.fill_f64(&mut out);
+        let expected: Vec<f64> = (0..1000).map(|_| b.next_f64()).collect();
+        assert_eq!(out, expected);
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mut c = a.clone();
+        assert_eq!(a.random_vec(777), {
+            let mut v = vec![0f64; 777];
+            c.fill_f64(&mut v);
+            v
+        });
+        let mut d = a.clone();
+        let raw = a.raw_vec(13);
+        assert_eq!(raw, (0..13).map(|_| d.next_u64()).collect::<Vec<_>>());
     }
 
     #[test]
