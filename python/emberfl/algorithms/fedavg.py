@@ -403,7 +403,9 @@ def _fedavg_train(
     ``torch.optim.SGD(lr=lr)`` on CPU, without importing ``torch.optim`` (whose first use
     imports TorchDynamo, several seconds in every fresh worker process).
     """
-    model.to(device)
+    first = next(model.parameters(), None)
+    if first is None or first.device != torch.device(device):
+        model.to(device)  # a no-op walk of every module otherwise, ~1 ms per client
     deserialize_model(model, model_parameters)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
