@@ -187,7 +187,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     rounds = 6
     options = [*TINY, "--rounds", str(rounds), "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "emberfl", "run", "--output-dir", str(killed), *options],
         cwd=tmp_path,

@@ -160,8 +160,10 @@ def process_trainer() -> Iterable[EchoProcessTrainer]:
 
 @pytest.mark.timeout(120)
 def test_process_results_come_back_in_cid_order(process_trainer: EchoProcessTrainer) -> None:
-    process_trainer.delay = 0.02
-    cids = [7, 3, 11, 0, 5, 19]
+    # cid 0 sleeps 2.0 s on one worker while the other worker runs the rest (0.1 + ... +
+    # 0.5 s), so cid 0 finishes last although it comes first.
+    process_trainer.delay = 0.1
+    cids = [0, 19, 18, 17, 16, 15]
     try:
         process_trainer.local_process(_payload(), cids)
     finally:
