@@ -27,6 +27,10 @@ import torch
 
 import emberfl
 from emberfl.algorithms.fedavg import FedAvgBaseServerHandler
+from emberfl.algorithms.fedavg_vectorized import (
+    FedAvgVectorizedClientTrainer,
+    FedAvgVectorizedServerHandler,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,7 +56,7 @@ from fl_workload import (
 
 __all__ = ["MODES", "prepare_data", "run_emberfl"]
 
-MODES = ("serial", "thread", "process")
+MODES = ("serial", "thread", "process", "vectorized")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _DATA_FIELDS = ("num_train", "num_test", "num_clients", "shards_per_client", "seed")
 
@@ -107,7 +111,8 @@ def _make_trainer(
     parallelism: int,
     threads: int,
     state_dir: Path,
-) -> Trainer:
+    chunk_size: int | None = None,
+) -> Trainer | FedAvgVectorizedClientTrainer:
     common: dict[str, Any] = {
         "model_selector": selector,
         "model_name": config.model,
@@ -130,6 +135,10 @@ def _make_trainer(
         return TimedProcessPoolTrainer(
             state_dir=state_dir, num_parallels=parallelism, start_workers=False, **common
         )
+    if mode == "vectorized":  # P chunks at once, in threads
+        return FedAvgVectorizedClientTrainer(
+            chunk_size=chunk_size, num_parallels=parallelism, **common
+        )
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
@@ -140,6 +149,7 @@ def run_emberfl(
     mode: str,
     parallelism: int,
     threads: int = 1,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Run emberfl's FedAvg on the workload and return the JSON record.
 
@@ -149,9 +159,11 @@ def run_emberfl(
     Args:
         config: The workload.
         data_dir: Data written by :func:`prepare_data`.
-        mode: ``"serial"``, ``"thread"`` or ``"process"``.
-        parallelism: Clients at once (1 for ``serial``).
+        mode: ``"serial"``, ``"thread"``, ``"process"`` or ``"vectorized"``.
+        parallelism: Clients at once (1 for ``serial``); chunks at once for
+            ``vectorized``.
         threads: PyTorch intra-op threads per client.
+        chunk_size: Clients trained at once in ``vectorized`` mode (``None``: all).
 
     Returns:
         The record (see :func:`fl_workload.result_record`), with a per-round
@@ -162,7 +174,8 @@ def run_emberfl(
     data = load_workload_data(data_dir)
     dataset = InMemoryPartitionedDataset(data)
     selector = WorkloadModelSelector(seed=config.seed)
-    handler = FedAvgBaseServerHandler(
+    server = FedAvgVectorizedServerHandler if mode == "vectorized" else FedAvgBaseServerHandler
+    handler = server(
         model_selector=selector,
         model_name=config.model,
         dataset=dataset,  # type: ignore[arg-type]
@@ -175,15 +188,17 @@ def run_emberfl(
     )
     parallelism = 1 if mode == "serial" else parallelism
     with tempfile.TemporaryDirectory(prefix="emberfl-bench-") as state:
-        trainer = _make_trainer(mode, config, dataset, selector, parallelism, threads, Path(state))
+        trainer = _make_trainer(
+            mode, config, dataset, selector, parallelism, threads, Path(state), chunk_size
+        )
         try:
-            rounds, breakdown, summary = run_rounds(handler, trainer, parallelism)
+            rounds, breakdown, summary = run_rounds(handler, trainer, parallelism)  # type: ignore[arg-type]
         finally:
             shutdown = getattr(trainer, "shutdown", None)
             if shutdown is not None:
                 shutdown()
             handler.close()
-    return result_record(
+    record = result_record(
         framework="emberfl",
         framework_version=emberfl.__version__,
         mode=mode,
@@ -196,6 +211,9 @@ def run_emberfl(
         summary=summary,
         breakdown=breakdown,
     )
+    if mode == "vectorized":
+        record["chunk_size"] = chunk_size
+    return record
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -217,6 +235,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES, default="serial")
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, help="vectorized mode: clients at once")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -231,7 +250,12 @@ def main() -> None:
     prepare_data(config, data_dir)
     torch.manual_seed(config.seed)
     record = run_emberfl(
-        config, data_dir, mode=args.mode, parallelism=args.parallelism, threads=args.threads
+        config,
+        data_dir,
+        mode=args.mode,
+        parallelism=args.parallelism,
+        threads=args.threads,
+        chunk_size=args.chunk_size,
     )
     text = json.dumps(record, indent=2)
     if args.out:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(BENCHES))
 from fl_workload import PRESETS, WorkloadConfig  # noqa: E402
 
 FRAMEWORKS = ("emberfl", "blazefl", "flower")
-MODES = ("serial", "thread", "process")
+MODES = ("serial", "thread", "process", "vectorized")  # vectorized: emberfl only; P = chunks
 VENV_ROOT = Path(os.environ.get("EMBERFL_BENCH_VENVS", Path.home() / ".cache" / "emberfl-bench"))
 PEERS: dict[str, dict[str, Any]] = {
     # BlazeFL 3.0.0a1 is the newest release and requires Python >= 3.13.
@@ -148,7 +148,7 @@ def plan(
                 runs.extend(
                     Run(fw, mode, 1 if mode == "serial" else p, repeat)
                     for fw in frameworks
-                    if fw in ("emberfl", "blazefl")
+                    if fw in ("emberfl", "blazefl") and (mode != "vectorized" or fw == "emberfl")
                 )
             if "flower" in frameworks:
                 runs.append(Run("flower", "ray", p, repeat))
@@ -241,12 +241,18 @@ def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "blazefl": _key("blazefl", mode, int(p[1:])),
             "flower": _key("flower", "ray", int(p[1:])),
         }
+        if mode == "vectorized":  # no peer has it: compare with BlazeFL's fastest setting
+            blaze = [k for k in medians if k.startswith("blazefl/")]
+            peers = {"blazefl best": min(blaze, key=medians.__getitem__)} if blaze else {}
         for peer, peer_key in peers.items():
             if peer_key in medians:
-                speedups[f"{mode}/{p} vs {peer}"] = medians[peer_key] / seconds
-                steady_speedups[f"{mode}/{p} vs {peer}"] = steady[peer_key] / steady[key]
+                label = f"{peer} ({peer_key.split('/', 1)[1]})" if peer == "blazefl best" else peer
+                speedups[f"{mode}/{p} vs {label}"] = medians[peer_key] / seconds
+                steady_speedups[f"{mode}/{p} vs {label}"] = steady[peer_key] / steady[key]
     checksums: dict[str, list[str]] = {}
     for key, recs in records.items():
+        if key.split("/")[1] == "vectorized":  # equal up to float rounding, not bitwise
+            continue
         checksums.setdefault(key.split("/")[0], []).extend(r["checksum"] for r in recs)
     identical = {fw: len(set(sums)) == 1 for fw, sums in checksums.items()}
     return {

@@ -18,6 +18,7 @@ from emberfl.algorithms.fedavg import (
     FedAvgThreadPoolClientTrainer,
     FedAvgUplinkPackage,
 )
+from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
 
 __all__ = [
     "FedAvgBaseClientTrainer",
@@ -30,4 +31,5 @@ __all__ = [
     "FedAvgProcessPoolUplinkPackage",
     "FedAvgThreadPoolClientTrainer",
     "FedAvgUplinkPackage",
+    "FedAvgVectorizedClientTrainer",
 ]

@@ -146,7 +146,8 @@ def _run_options() -> list[_RunOption]:
             str,
             MODES,
             "MODE",
-            "execution mode; results are bitwise identical in every mode",
+            "execution mode; serial, thread and process give bitwise identical results, "
+            "vectorized (many clients as one stacked model) the same up to float rounding",
         ),
         (
             "--parallelism",
@@ -154,7 +155,16 @@ def _run_options() -> list[_RunOption]:
             int,
             None,
             "N",
-            "threads or processes for thread / process mode (0: one per CPU core)",
+            "threads or processes for thread / process mode, chunks at once for vectorized "
+            "mode (0: one per CPU core)",
+        ),
+        (
+            "--chunk-size",
+            "chunk_size",
+            int,
+            None,
+            "N",
+            "clients trained at once in vectorized mode (default: the trainer's)",
         ),
         ("--device", "device", str, None, "DEV", "auto (CUDA when available), cpu, cuda or cuda:N"),
         (

@@ -45,8 +45,10 @@ __all__ = [
 ALGORITHMS: tuple[str, ...] = ("fedavg",)
 """The algorithms ``emberfl run`` can run."""
 
-MODES: tuple[str, ...] = ("serial", "thread", "process")
-"""The execution modes: one client after another, a thread pool, or worker processes."""
+MODES: tuple[str, ...] = ("serial", "thread", "process", "vectorized")
+"""The execution modes: one client after another, a thread pool, worker processes, or
+``chunk_size`` clients at once as one stacked model (``vectorized``: equal to the others up
+to float rounding, about 1e-6 relative, not bitwise)."""
 
 PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
     "iid": {},
@@ -61,7 +63,7 @@ PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
 see :func:`partition_options`)."""
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"rounds", "mode", "parallelism", "device", "checkpoint_every", "quiet"}
+    {"rounds", "mode", "parallelism", "chunk_size", "device", "checkpoint_every", "quiet"}
 )
 """Keys that ``emberfl run --resume`` may change: they do not alter the rounds already run
 (results are bitwise identical across modes and parallelism; ``rounds`` extends a run)."""
@@ -100,6 +102,8 @@ class RunConfig:
         mode: One of :data:`MODES`; results are bitwise identical in every mode.
         parallelism: Threads or worker processes (0: one per CPU core, at most one per
             client of a round); ignored in serial mode.
+        chunk_size: Clients trained at once in vectorized mode (``None``: the trainer's
+            default).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         seed: The experiment seed (partition, client sampling, model init, shuffling).
         checkpoint_every: Save a checkpoint every this many rounds (0: only at the end).
@@ -125,6 +129,7 @@ class RunConfig:
     lr: float = 0.2
     mode: str = "serial"
     parallelism: int = 0
+    chunk_size: int | None = None
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = 5
@@ -179,6 +184,8 @@ class RunConfig:
                 _check_at_least(key, getattr(self, key), 1)
         if self.min_size is not None:
             _check_at_least("min_size", self.min_size, 0)
+        if self.chunk_size is not None:
+            _check_at_least("chunk_size", self.chunk_size, 1)
 
     def clients_per_round(self) -> int:
         """Return how many clients train in each round."""
@@ -214,12 +221,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "lr": (float, int),
     "mode": (str,),
     "parallelism": (int,),
+    "chunk_size": (int,),
     "device": (str,),
     "seed": (int,),
     "checkpoint_every": (int,),
     "quiet": (bool,),
 }
-_OPTIONAL = frozenset({"output_dir", "data_root", *_ALL_PARTITION_KEYS})
+_OPTIONAL = frozenset({"output_dir", "data_root", "chunk_size", *_ALL_PARTITION_KEYS})
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 

@@ -400,6 +400,13 @@ def _build_trainer(
         threads = _ThreadTrainer(**common, num_parallels=config.workers())
         threads.progress = progress
         return threads, nullcontext()
+    if config.mode == "vectorized":
+        from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
+
+        vectorized = FedAvgVectorizedClientTrainer(
+            **common, chunk_size=config.chunk_size, num_parallels=config.workers()
+        )
+        return vectorized, nullcontext()
     processes = _ProcessTrainer(**common, state_dir=None, num_parallels=config.workers())
     processes.progress = progress
     return processes, processes
@@ -414,6 +421,8 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
     part = f"{config.partition}({opts})" if opts else config.partition
     workers = "" if config.mode == "serial" else f" x{config.workers()}"
+    if config.mode == "vectorized":
+        workers += f" (chunk {config.chunk_size or 'auto'})"
     return (
         f"{config.algorithm}: {config.model} on {data.name} ({data.num_train} train / "
         f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "

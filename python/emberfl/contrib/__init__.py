@@ -8,6 +8,7 @@ package.
 
 from __future__ import annotations
 
+from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
 from emberfl.contrib import fedavg
 from emberfl.contrib.fedavg import (
     FedAvgBaseClientTrainer,
@@ -33,5 +34,6 @@ __all__ = [
     "FedAvgProcessPoolUplinkPackage",
     "FedAvgThreadPoolClientTrainer",
     "FedAvgUplinkPackage",
+    "FedAvgVectorizedClientTrainer",
     "fedavg",
 ]

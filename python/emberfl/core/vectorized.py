@@ -1,0 +1,637 @@
+"""Vectorized execution: train many clients of one architecture at once on one device.
+
+The per-client execution modes run one model per client, so every client pays Python,
+autograd and kernel-launch overhead of its own. This module trains ``C`` clients as one
+*stacked* model instead: every trainable parameter gets a leading client dimension, the
+model's forward pass runs under :func:`torch.func.vmap` over
+:func:`torch.func.functional_call`, and one backward pass of the sum of the clients' losses
+gives every client its own gradient (the clients share no parameter, so the gradient of
+the sum with respect to client ``c``'s slice is client ``c``'s gradient).
+
+The pieces, used by :class:`emberfl.algorithms.FedAvgVectorizedClientTrainer`:
+
+* :class:`VectorizedModel` — a model's functional, stacked form: stack flat parameter
+  vectors into per-client tensors, compute per-client gradients of a padded, masked batch,
+  and write the stacked result back into :class:`~emberfl.arena.ParamArena` slots.
+* :class:`StackedSGD` — ``torch.optim.SGD``'s update (momentum, dampening, Nesterov,
+  weight decay) on stacked parameters, with per-client state and a per-client "active"
+  mask so that a client with fewer local steps is left untouched on padded steps.
+* :func:`stack_batches` — pads and stacks one step's mini-batches of ``C`` clients, with
+  per-sample loss weights ``1 / n`` for the ``n`` real samples of each client's batch (so
+  a short last batch averages its loss over its real samples only, as ``mean`` does).
+* :func:`check_vectorizable` / :func:`check_homogeneous` — the clear errors.
+
+Which layers work: everything :func:`torch.func.vmap` supports whose training-mode output
+for one sample does not depend on the other samples of the batch and that keeps no
+running state: ``Linear``, ``Conv1d/2d/3d`` (and transposed), ``Embedding``, pooling,
+activations, ``Flatten``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm`` without running
+statistics. Rejected with a :class:`~emberfl.errors.ConfigError` naming the layer:
+``BatchNorm*`` / ``SyncBatchNorm`` / ``InstanceNorm(track_running_stats=True)`` (batch
+statistics would include the padding, and running statistics are per-client state this
+mode does not carry) and ``Dropout*`` with ``p > 0`` (its masks would come from PyTorch's
+global generator, not from each client's stream, so runs would not match the per-client
+modes).
+
+On CPU, convolutions with per-client weights are computed client by client inside the
+vmapped forward (``conv="loop"``, one small cache-resident oneDNN call per client; the
+batched alternative, a grouped convolution with ``groups = C``, is 1.5-2x slower on CPU);
+on CUDA the grouped convolution is used (``conv="grouped"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from emberfl.errors import ConfigError, TensorMismatchError
+
+__all__ = [
+    "ConvMode",
+    "StackedSGD",
+    "VectorizedModel",
+    "check_homogeneous",
+    "check_vectorizable",
+    "stack_batches",
+]
+
+ConvMode = Literal["auto", "loop", "grouped"]
+"""How convolutions with per-client weights run: ``"loop"`` (client by client inside the
+vmapped forward), ``"grouped"`` (one grouped convolution) or ``"auto"`` (loop on CPU,
+grouped elsewhere)."""
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A per-sample loss: ``(outputs (N, ...), targets (N, ...)) -> losses (N,)``."""
+
+
+def _per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def check_vectorizable(model: nn.Module) -> None:
+    """Raise if ``model`` has a layer that vectorized training cannot run exactly.
+
+    Args:
+        model: The model (its class and submodules are inspected, not run).
+
+    Raises:
+        ConfigError: For a batch-norm layer, an instance-norm layer with running
+            statistics or a dropout layer with ``p > 0``; the message names the layer.
+    """
+    for name, module in model.named_modules():
+        where = f"layer {name or '<root>'!r} ({type(module).__name__})"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                f"{where}: BatchNorm is not supported by vectorized training (its batch "
+                "statistics would include padded samples and its running statistics are "
+                "per-client state); use GroupNorm/LayerNorm or a per-client mode "
+                "(serial, thread, process)"
+            )
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and (
+            module.track_running_stats
+        ):
+            raise ConfigError(
+                f"{where}: InstanceNorm with track_running_stats=True keeps per-client "
+                "running statistics, which vectorized training does not support; set "
+                "track_running_stats=False or use a per-client mode"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd | nn.AlphaDropout) and module.p > 0:
+            raise ConfigError(
+                f"{where}: Dropout with p={module.p} draws its masks from PyTorch's global "
+                "generator, not from each client's stream, so vectorized training could "
+                "not reproduce the per-client modes; remove it (p=0) or use a per-client "
+                "mode"
+            )
+
+
+def check_homogeneous(models: Sequence[nn.Module]) -> None:
+    """Raise unless every model has the first one's class and state-dict layout.
+
+    Args:
+        models: The clients' models.
+
+    Raises:
+        ConfigError: If the list is empty or a model differs (class, tensor names, shapes
+            or dtypes); the message names the first difference.
+    """
+    if not models:
+        raise ConfigError("check_homogeneous needs at least one model")
+    ref = models[0]
+    ref_state = ref.state_dict()
+    for i, model in enumerate(models[1:], start=1):
+        if type(model) is not type(ref):
+            raise ConfigError(
+                f"vectorized training needs one architecture: model {i} is a "
+                f"{type(model).__name__}, model 0 a {type(ref).__name__}"
+            )
+        state = model.state_dict()
+        if list(state) != list(ref_state):
+            missing = [k for k in ref_state if k not in state]
+            extra = [k for k in state if k not in ref_state]
+            raise ConfigError(
+                f"vectorized training needs one architecture: model {i}'s tensors differ "
+                f"from model 0's (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        for key, t in state.items():
+            r = ref_state[key]
+            if t.shape != r.shape or t.dtype != r.dtype:
+                raise ConfigError(
+                    f"vectorized training needs one architecture: {key!r} of model {i} "
+                    f"has shape {tuple(t.shape)} and {t.dtype}, model 0's "
+                    f"{tuple(r.shape)} and {r.dtype}"
+                )
+
+
+# -- convolutions client by client ---------------------------------------------------------
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@torch.library.custom_op("emberfl::per_client_conv", mutates_args=())
+def _per_client_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """An ordinary convolution whose vmap rule loops over the clients (see below)."""
+    conv = _CONV[weight.dim() - 2]
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _per_client_conv_vmap(
+    info: Any,
+    in_dims: tuple[int | None, ...],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, int]:
+    # Runs on the physical (unbatched) tensors, below vmap and above autograd: the
+    # autograd graph records one ordinary convolution per client. ``unbind`` (not
+    # ``select``) keeps the backward pass to one ``stack`` per input.
+    n = int(info.batch_size)
+    conv = _CONV[weight.dim() - 2 - (in_dims[1] is not None)]
+    xs = x.unbind(in_dims[0]) if in_dims[0] is not None else (x,) * n
+    ws = weight.unbind(in_dims[1]) if in_dims[1] is not None else (weight,) * n
+    if bias is None:
+        bs: Sequence[torch.Tensor | None] = (None,) * n
+    else:
+        bs = bias.unbind(in_dims[2]) if in_dims[2] is not None else (bias,) * n
+    outs = [
+        conv(xc, wc, bc, stride, padding, dilation, groups)
+        for xc, wc, bc in zip(xs, ws, bs, strict=True)
+    ]
+    return torch.stack(outs), 0
+
+
+_per_client_conv.register_vmap(_per_client_conv_vmap)
+
+
+class _LoopConv(nn.Module):
+    """A ``ConvNd`` whose per-client weights run client by client under vmap."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride = list(conv.stride)
+        self.padding = [int(p) for p in conv.padding]
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _per_client_conv(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+        return out
+
+
+def _swap_convs(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if (
+            isinstance(child, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            and child.padding_mode == "zeros"
+            and not isinstance(child.padding, str)
+        ):
+            setattr(module, name, _LoopConv(child))
+        else:
+            _swap_convs(child)
+
+
+# -- the stacked model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+    trainable: bool
+
+
+class VectorizedModel:
+    """A model's stacked, functional form for training ``C`` clients at once.
+
+    Parameters are handled as ``name -> (C, *shape)`` tensors; the flat layout is
+    :func:`~emberfl.core.serialize_model`'s (the state dict's order), which is also
+    :class:`~emberfl.arena.ParamArena`'s layout for a model with only floating-point state.
+    Buffers and frozen parameters are shared by all clients and never change. Not
+    thread-safe: give each thread its own :meth:`replica`.
+
+    Attributes:
+        names: The trainable parameters' state-dict names, in order.
+        dim: Elements in one client's flat state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        conv: ConvMode = "auto",
+        device: str | torch.device = "cpu",
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        """Prepare ``model`` (it is copied, not modified).
+
+        Args:
+            model: The architecture (in training mode while clients train).
+            conv: How per-client convolutions run; see :data:`ConvMode`.
+            device: Where the stacked tensors live.
+            loss_fn: Per-sample loss; cross-entropy by default.
+
+        Raises:
+            ConfigError: For an unsupported layer (:func:`check_vectorizable`), an
+                unknown ``conv`` mode, or a state entry that is not a floating-point tensor.
+        """
+        check_vectorizable(model)
+        if conv not in ("auto", "loop", "grouped"):
+            raise ConfigError(f"conv must be 'auto', 'loop' or 'grouped', got {conv!r}")
+        self.device = torch.device(device)
+        self._module = copy.deepcopy(model).to(self.device)
+        self._module.train()
+        use_loop = conv == "loop" or (conv == "auto" and self.device.type == "cpu")
+        if use_loop:
+            _swap_convs(self._module)
+        self._loss_fn: LossFn = loss_fn or _per_sample_cross_entropy
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        entries: list[_Entry] = []
+        offset = 0
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                raise ConfigError(
+                    f"state entry {name!r} is a {tensor.dtype} tensor; vectorized training "
+                    "stores every client's state as float32 arena slots, so it needs a "
+                    "model whose state is all floating point"
+                )
+            numel = tensor.numel()
+            shape = tuple(int(s) for s in tensor.shape)
+            entries.append(_Entry(name, shape, offset, numel, name in trainable))
+            offset += numel
+        self._entries = tuple(entries)
+        self.names: tuple[str, ...] = tuple(e.name for e in entries if e.trainable)
+        self.dim = offset
+
+    def replica(self) -> VectorizedModel:
+        """Return a copy with its own module, for another thread.
+
+        :func:`torch.func.functional_call` swaps the module's parameters while it runs, so
+        two threads must not share one :class:`VectorizedModel`.
+
+        Returns:
+            The copy.
+        """
+        twin = copy.copy(self)
+        twin._module = copy.deepcopy(self._module)
+        return twin
+
+    def stack(self, flat: torch.Tensor, num_clients: int) -> dict[str, torch.Tensor]:
+        """Return ``num_clients`` copies of the trainable parameters of a flat state.
+
+        Args:
+            flat: One model's state (:func:`~emberfl.core.serialize_model`).
+            num_clients: Copies.
+
+        Returns:
+            ``name -> (num_clients, *shape)`` contiguous tensors on the model's device.
+
+        Raises:
+            TensorMismatchError: If ``flat`` is not a 1-D tensor of :attr:`dim` elements.
+        """
+        if flat.dim() != 1 or flat.numel() != self.dim:
+            raise TensorMismatchError(
+                f"model_parameters has shape {tuple(flat.shape)}; this model's flat state "
+                f"has {self.dim} elements (serialize_model of {type(self._module).__name__})"
+            )
+        flat = flat.detach().to(self.device, torch.float32)
+        stacked: dict[str, torch.Tensor] = {}
+        for e in self._entries:
+            if e.trainable:
+                one = flat[e.offset : e.offset + e.numel].view(e.shape)
+                stacked[e.name] = (
+                    one.unsqueeze(0)
+                    .expand(num_clients, *e.shape)
+                    .clone(memory_format=torch.contiguous_format)
+                )
+        return stacked
+
+    def broadcast(self, flat: torch.Tensor, num_clients: int) -> dict[str, torch.Tensor]:
+        """Return the trainable parameters of a flat state as ``num_clients`` expanded views.
+
+        Nothing is copied (the client dimension has stride 0): the values every client
+        starts a round from, read by the first step.
+
+        Args:
+            flat: One model's state, on :attr:`device`.
+            num_clients: Clients.
+
+        Returns:
+            ``name -> (num_clients, *shape)`` read-only views of ``flat``.
+        """
+        return {
+            e.name: flat[e.offset : e.offset + e.numel].view(e.shape).expand(num_clients, *e.shape)
+            for e in self._entries
+            if e.trainable
+        }
+
+    def row_views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the trainable parameters inside ``rows`` as stacked views (no copy).
+
+        Args:
+            rows: A ``(C, dim)`` tensor, e.g. consecutive arena slots.
+
+        Returns:
+            ``name -> (C, *shape)`` views: writing them writes ``rows``.
+        """
+        c = rows.shape[0]
+        return {
+            e.name: rows[:, e.offset : e.offset + e.numel].view(c, *e.shape)
+            for e in self._entries
+            if e.trainable
+        }
+
+    def load_shared(self, flat: torch.Tensor) -> None:
+        """Load the entries all clients share (buffers, frozen parameters) from a flat state.
+
+        Args:
+            flat: One model's state (:func:`~emberfl.core.serialize_model`), e.g. the
+                global model of the round.
+        """
+        state = self._module.state_dict()
+        with torch.no_grad():
+            for e in self._entries:
+                if not e.trainable:
+                    src = flat[e.offset : e.offset + e.numel].view(e.shape)
+                    state[e.name].copy_(src)
+
+    def grads(
+        self,
+        params: Mapping[str, torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """Return every client's gradient of its weighted loss on one stacked batch.
+
+        Client ``c``'s loss is ``sum_j weights[c, j] * loss(model_c(inputs[c, j]),
+        targets[c, j])``.
+
+        Args:
+            params: ``name -> (C, *shape)`` stacked parameters (not modified).
+            inputs: ``(C, B, ...)`` inputs.
+            targets: ``(C, B, ...)`` targets.
+            weights: ``(C, B)`` per-sample loss weights (0 for padding).
+
+        Returns:
+            ``name -> (C, *shape)`` gradients; ``None`` for a parameter the forward pass
+            does not use (like ``p.grad`` staying ``None``).
+        """
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        module = self._module
+
+        def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = functional_call(module, p, (x,), strict=False)
+            return out
+
+        with torch.enable_grad():
+            outputs = vmap(forward)(leaves, inputs)
+            c, b = weights.shape
+            losses = self._loss_fn(
+                outputs.reshape(c * b, *outputs.shape[2:]), targets.flatten(0, 1)
+            )
+            total = (losses.reshape(c, b) * weights).sum()
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        return dict(zip(leaves, grads, strict=True))
+
+    def write_rows(
+        self,
+        rows: torch.Tensor,
+        params: Mapping[str, torch.Tensor],
+        global_flat: torch.Tensor,
+        *,
+        trained: bool = True,
+    ) -> None:
+        """Write stacked parameters into ``rows`` (e.g. arena slots), one row per client.
+
+        Entries that are not trained (buffers, frozen parameters) get the global values.
+
+        Args:
+            rows: A ``(C, dim)`` float32 tensor (a view of consecutive arena slots).
+            params: ``name -> (C, *shape)`` stacked parameters.
+            global_flat: The flat global state (for the untrained entries).
+            trained: Also write the trained entries (``False``: they are already there,
+                e.g. ``params`` are :meth:`row_views` of ``rows``).
+        """
+        c = rows.shape[0]
+        with torch.no_grad():
+            for e in self._entries:
+                dst = rows[:, e.offset : e.offset + e.numel]
+                if e.trainable:
+                    if trained:
+                        dst.copy_(params[e.name].reshape(c, e.numel))
+                else:
+                    src = global_flat[e.offset : e.offset + e.numel]
+                    dst.copy_(src.unsqueeze(0).expand(c, e.numel))
+
+
+# -- optimiser ------------------------------------------------------------------------------
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` on stacked parameters, with per-client state and masking.
+
+    The arithmetic is ``torch.optim.SGD``'s single-tensor path, element for element:
+    ``d = g + wd * p``; with momentum ``buf = d`` on a client's first step, else
+    ``buf = momentum * buf + (1 - dampening) * d``, and ``d = d + momentum * buf``
+    (Nesterov) or ``d = buf``; then ``p = p - lr * d``. With ``momentum = 0`` and
+    ``weight_decay = 0`` it is the serial FedAvg trainer's ``p.add_(grad, alpha=-lr)``.
+
+    Attributes:
+        lr: Learning rate.
+        momentum: Momentum factor.
+        dampening: Dampening for momentum.
+        weight_decay: L2 penalty.
+        nesterov: Nesterov momentum.
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        """Create the optimiser.
+
+        Args:
+            lr: Learning rate (> 0).
+            momentum: Momentum factor (>= 0).
+            dampening: Dampening for momentum.
+            weight_decay: L2 penalty (>= 0).
+            nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+
+        Raises:
+            ConfigError: For a value out of range.
+        """
+        if not lr > 0:
+            raise ConfigError(f"lr must be positive, got {lr}")
+        if momentum < 0:
+            raise ConfigError(f"momentum must be >= 0, got {momentum}")
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ConfigError("Nesterov momentum requires momentum > 0 and dampening = 0")
+        self.lr = lr
+        self.momentum = momentum
+        self.dampening = dampening
+        self.weight_decay = weight_decay
+        self.nesterov = nesterov
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget the momentum buffers (a new set of clients starts)."""
+        self._bufs = {}
+
+    def step(
+        self,
+        params: dict[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | None],
+        active: torch.Tensor | None,
+        *,
+        source: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Update ``params`` in place (or write ``source`` updated into ``params``).
+
+        Args:
+            params: ``name -> (C, *shape)`` stacked parameters (any strides, e.g. views
+                of arena slots).
+            grads: Their gradients; parameters with ``None`` are skipped (as
+                ``torch.optim.SGD`` skips ``p.grad is None``).
+            active: ``(C,)`` bool: clients to update (the others keep their parameters
+                and momentum), or ``None`` for all.
+            source: The current values, when they are not ``params`` itself (the first
+                step reads the shared global model through stride-0 views and writes the
+                clients' own parameters).
+        """
+        with torch.no_grad():
+            for name, p in params.items():
+                cur = p if source is None else source[name]
+                g = grads.get(name)
+                if g is None:
+                    if cur is not p:
+                        p.copy_(cur)
+                    continue
+                mask = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))
+                d = g.add(cur, alpha=self.weight_decay) if self.weight_decay != 0 else g
+                if self.momentum != 0:
+                    buf = self._bufs.get(name)
+                    if buf is None:
+                        new_buf = d.clone()
+                    else:
+                        new_buf = buf.mul(self.momentum).add_(d, alpha=1 - self.dampening)
+                        if mask is not None:
+                            new_buf = torch.where(mask, new_buf, buf)
+                    self._bufs[name] = new_buf
+                    d = d.add(new_buf, alpha=self.momentum) if self.nesterov else new_buf
+                if mask is None and cur is p:
+                    p.add_(d, alpha=-self.lr)
+                elif mask is None:
+                    torch.add(cur, d, alpha=-self.lr, out=p)
+                else:
+                    p.copy_(torch.where(mask, cur.add(d, alpha=-self.lr), cur))
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+def stack_batches(
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad and stack one step's mini-batches of ``C`` clients.
+
+    Args:
+        batches: ``(inputs, targets)`` per client, or ``None`` for a client with no batch
+            at this step (it has run out of local steps). At least one is not ``None``.
+        device: Where the result goes.
+
+    Returns:
+        ``(inputs (C, B, ...), targets (C, B, ...), weights (C, B), active (C,))`` where
+        ``B`` is the largest batch, padding is zero, ``weights[c, j] = 1 / n_c`` for the
+        ``n_c`` real samples of client ``c`` and 0 elsewhere, and ``active[c]`` says
+        whether client ``c`` had a non-empty batch.
+
+    Raises:
+        TensorMismatchError: If the clients' samples differ in shape or dtype.
+    """
+    present = [b for b in batches if b is not None and b[0].shape[0] > 0]
+    if not present:
+        raise ValueError("stack_batches needs at least one non-empty batch")
+    x0, y0 = present[0]
+    width = max(int(b[0].shape[0]) for b in present)
+    c = len(batches)
+    # ``empty`` + zeroing only the padding: most rows are full, and zero-filling a large
+    # fresh buffer costs as much as filling it with the data.
+    inputs = torch.empty((c, width, *x0.shape[1:]), dtype=x0.dtype, device=device)
+    targets = torch.empty((c, width, *y0.shape[1:]), dtype=y0.dtype, device=device)
+    weights = torch.zeros((c, width), dtype=torch.float32, device=device)
+    active = torch.zeros(c, dtype=torch.bool, device=device)
+    for i, batch in enumerate(batches):
+        if batch is None or batch[0].shape[0] == 0:
+            inputs[i].zero_()
+            targets[i].zero_()
+            continue
+        x, y = batch
+        n = int(x.shape[0])
+        if n < width:
+            inputs[i, n:].zero_()
+            targets[i, n:].zero_()
+        if x.shape[1:] != x0.shape[1:] or x.dtype != x0.dtype or y.shape[1:] != y0.shape[1:]:
+            raise TensorMismatchError(
+                f"client {i} of the chunk has samples of shape {tuple(x.shape[1:])} "
+                f"({x.dtype}), the first client {tuple(x0.shape[1:])} ({x0.dtype}); "
+                "vectorized training needs one sample shape"
+            )
+        inputs[i, :n].copy_(x)
+        targets[i, :n].copy_(y)
+        weights[i, :n] = 1.0 / n
+        active[i] = True
+    return inputs, targets, weights, active
