@@ -67,7 +67,6 @@ from emberfl.cli.config import (
     partition_options,
     resolve_device,
 )
-from emberfl.cli.dataset import TensorPartitionedDataset, TensorSplit
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
 from emberfl.core import intra_op_threads
 from emberfl.data import (
@@ -80,6 +79,7 @@ from emberfl.data import (
     read_partition_csv,
     write_partition_csv,
 )
+from emberfl.data.partitioned import TensorPartitionedDataset, TensorSplit
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.models import Models
 from emberfl.reproducibility import RNGSuite

@@ -1,4 +1,6 @@
-"""The :class:`~emberfl.core.PartitionedDataset` that ``emberfl run`` trains on.
+"""An in-memory :class:`~emberfl.core.PartitionedDataset` for FedAvg-style algorithms.
+
+``emberfl run`` and ``examples/quickstart_fedavg`` train on it.
 
 It holds an in-memory :class:`~emberfl.data.FLDataset` and a
 :class:`~emberfl.data.Partition` as plain tensors (so process-pool workers receive it
