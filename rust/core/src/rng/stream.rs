@@ -12,6 +12,24 @@ use super::philox::philox4x64_10;
 
 const BUFFER_SIZE: usize = 4;
 
+/// A double in [0, 1) from the top 53 bits of `word` (numpy's conversion).
+#[inline(always)]
+fn unit_f64(word: u64) -> f64 {
+    (word >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
+}
+
+/// Build a vector of `n` values by filling it 256 at a time (no zero-filling pass over `n`).
+fn collect_chunked<T: Copy + Default>(n: usize, mut fill: impl FnMut(&mut [T])) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    let mut buf = [T::default(); 256];
+    while out.len() < n {
+        let chunk = &mut buf[..(n - out.len()).min(256)];
+        fill(chunk);
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
 /// The complete state of a [`Stream`]; enough to resume it exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamState {
@@ -126,7 +144,7 @@ impl Stream {
     /// A double in [0, 1) with 53 random bits (numpy's `next_double`).
     #[inline]
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
+        unit_f64(self.next_u64())
     }
 
     /// Fill `out` with raw 64-bit words; the same words `next_u64` would return.
@@ -151,35 +169,12 @@ impl Stream {
 
     /// `n` raw words in a new vector (no zero-filling pass).
     pub fn raw_vec(&mut self, n: usize) -> Vec<u64> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n && self.buffer_pos < BUFFER_SIZE {
-            out.push(self.next_u64());
-        }
-        while n - out.len() >= BUFFER_SIZE {
-            increment(&mut self.counter);
-            out.extend_from_slice(&philox4x64_10(self.counter, self.key));
-        }
-        while out.len() < n {
-            out.push(self.next_u64());
-        }
-        out
+        collect_chunked(n, |chunk| self.fill_u64(chunk))
     }
 
     /// `n` uniform doubles in [0, 1) in a new vector (numpy's `Generator.random`).
     pub fn random_vec(&mut self, n: usize) -> Vec<f64> {
-        let mut out = Vec::with_capacity(n);
-        let mut words = [0u64; 256];
-        let mut left = n;
-        while left > 0 {
-            let w = &mut words[..left.min(256)];
-            self.fill_u64(w);
-            out.extend(
-                w.iter()
-                    .map(|&word| (word >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)),
-            );
-            left -= w.len();
-        }
-        out
+        collect_chunked(n, |chunk| self.fill_f64(chunk))
     }
 
     /// Uniform doubles in [0, 1) (numpy's `Generator.random`).
@@ -190,7 +185,7 @@ impl Stream {
             let w = &mut words[..chunk.len()];
             self.fill_u64(w);
             for (x, &word) in chunk.iter_mut().zip(w.iter()) {
-                *x = (word >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0);
+                *x = unit_f64(word);
             }
         }
     }
