@@ -88,3 +88,21 @@ def norms(arena: Arena, slots: list[int], *, num_threads: int) -> npt.NDArray[np
 def pairwise_sq_dists(
     arena: Arena, slots: list[int], *, num_threads: int
 ) -> npt.NDArray[np.float64]: ...
+def max_pool2d_forward(
+    input: npt.NDArray[np.float32],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    out: npt.NDArray[np.float32],
+    argmax: npt.NDArray[np.uint8],
+    *,
+    num_threads: int,
+) -> None: ...
+def max_pool2d_backward(
+    grad_out: npt.NDArray[np.float32],
+    argmax: npt.NDArray[np.uint8],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    grad_in: npt.NDArray[np.float32],
+    *,
+    num_threads: int,
+) -> None: ...

@@ -42,6 +42,7 @@ from emberfl.core import (
     intra_op_threads,
     serialize_model,
 )
+from emberfl.core.batches import iter_batches
 from emberfl.errors import ClientError, ConfigError, TensorMismatchError
 from emberfl.reproducibility import RNGSuite, client_rng_suite, create_rng_suite
 from emberfl.rng import Purpose, stream
@@ -344,7 +345,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         total_correct = 0
         total = 0
         with torch.no_grad():
-            for inputs, labels in test_loader:
+            for inputs, labels in iter_batches(test_loader):
                 inputs, labels = inputs.to(device), labels.to(device)
                 outputs = model(inputs)
                 total_loss += float(criterion(outputs, labels).item())

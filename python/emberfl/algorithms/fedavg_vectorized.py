@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader
 
 from emberfl.algorithms.fedavg import (
     FedAvgBaseServerHandler,
@@ -43,14 +43,18 @@ from emberfl.algorithms.fedavg import (
 )
 from emberfl.arena import ParamArena
 from emberfl.core import BaseClientTrainer, ModelSelector, deserialize_model, intra_op_threads
+from emberfl.core.batches import iter_batches
+from emberfl.core.heap import retain_freed_memory
 from emberfl.core.vectorized import ConvMode, StackedSGD, VectorizedModel, stack_batches
 from emberfl.errors import ClientError, ConfigError
+from emberfl.nn import use_fast_layers
 from emberfl.reproducibility import client_rng_suite
 
 __all__ = [
     "FedAvgVectorizedClientTrainer",
     "FedAvgVectorizedServerHandler",
     "FedAvgVectorizedUplinkPackage",
+    "default_chunk_size",
 ]
 
 
@@ -67,43 +71,35 @@ class FedAvgVectorizedUplinkPackage(FedAvgUplinkPackage):
     slot: int = -1
 
 
-DEFAULT_CPU_CHUNK = 16
-"""Clients at once on the CPU when ``chunk_size`` is ``None`` (the whole round elsewhere):
-beyond about 10-25 clients the stacked activations leave the caches and a round gets slower
-(``benches/bench_vectorized.py``)."""
+DEFAULT_CPU_CHUNK = 32
+"""The most clients at once on the CPU when ``chunk_size`` is ``None`` (the whole round
+elsewhere). The round is split into equal chunks of at most this many clients, and into a
+multiple of ``num_parallels`` chunks so that the threads get equal work
+(:func:`default_chunk_size`; ``benches/bench_vectorized.py`` measures the scaling)."""
 
 
-def _fast_path(loader: DataLoader[Any]) -> TensorDataset | None:
-    # A plain single-process DataLoader over a TensorDataset with the default collate
-    # function: its batches are ``tensor[indices]``, so index the tensors directly.
-    dataset = loader.dataset
-    if (
-        type(loader) is DataLoader
-        and isinstance(dataset, TensorDataset)
-        and loader.num_workers == 0
-        and loader.collate_fn is default_collate
-        and loader.batch_sampler is not None
-        and len(dataset.tensors) == 2
-    ):
-        return dataset
-    return None
+def default_chunk_size(num_clients: int, num_parallels: int, limit: int = DEFAULT_CPU_CHUNK) -> int:
+    """Return the CPU chunk size used when ``chunk_size`` is ``None``.
+
+    Args:
+        num_clients: Clients in the round (>= 1).
+        num_parallels: Chunks trained at once.
+        limit: The largest chunk.
+
+    Returns:
+        ``ceil(num_clients / k)`` for the smallest ``k`` that is a multiple of
+        ``num_parallels`` and gives chunks of at most ``limit`` clients (for example
+        100 clients, 2 threads: 4 chunks of 25).
+    """
+    chunks = -(-num_clients // limit)
+    chunks = -(-chunks // num_parallels) * num_parallels
+    return max(1, -(-num_clients // chunks))
 
 
 def _client_batches(loader: DataLoader[Any], epochs: int) -> Iterator[Any]:
     """Yield the batches of ``epochs`` passes over ``loader``, in the loader's order."""
-    dataset = _fast_path(loader)
     for _ in range(epochs):
-        if dataset is None:
-            yield from loader
-            continue
-        # What DataLoader.__iter__ does with the generator, in the same order: create the
-        # sampler iterator, draw the workers' base seed, then draw the permutation lazily.
-        indices = iter(loader.batch_sampler)  # type: ignore[arg-type]
-        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        x, y = dataset.tensors
-        for batch in indices:
-            index = torch.as_tensor(batch, dtype=torch.int64)
-            yield x.index_select(0, index), y.index_select(0, index)
+        yield from iter_batches(loader)
 
 
 class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAvgDownlinkPackage]):
@@ -118,7 +114,7 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
         batch_size: Local batch size.
         lr: SGD learning rate.
         seed: The experiment seed.
-        chunk_size: Clients trained at once (``None``: :data:`DEFAULT_CPU_CHUNK` on the
+        chunk_size: Clients trained at once (``None``: :func:`default_chunk_size` on the
             CPU, every client of the round elsewhere).
         momentum: SGD momentum.
         weight_decay: SGD weight decay (L2 penalty).
@@ -128,6 +124,7 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
         round: Number of ``local_process`` calls completed (the client streams' round).
         cache: Packages waiting for :meth:`uplink_package`.
         intra_op_threads: PyTorch's intra-op thread count while training (``None``: leave).
+        retain_memory: Keep freed CPU memory in the heap between steps.
     """
 
     def __init__(
@@ -150,6 +147,7 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
         num_parallels: int = 1,
         intra_op_threads: int | None = 1,
         conv: ConvMode = "auto",
+        retain_memory: bool = True,
     ) -> None:
         """Create the trainer.
 
@@ -165,7 +163,7 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
             seed: The experiment seed.
             chunk_size: Clients trained at once (>= 1); bounds memory to about
                 ``chunk_size`` models, optimiser states and mini-batches. ``None``:
-                :data:`DEFAULT_CPU_CHUNK` on the CPU, every client of a round elsewhere.
+                :func:`default_chunk_size` on the CPU, every client of a round elsewhere.
             momentum: SGD momentum (``torch.optim.SGD``'s meaning; 0 is the serial
                 trainer's plain SGD).
             weight_decay: SGD weight decay.
@@ -177,6 +175,10 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
                 at 1 and raise ``num_parallels`` to use more cores: many small parallel
                 regions slow down badly when other processes share the cores.
             conv: How per-client convolutions run (:data:`~emberfl.core.vectorized.ConvMode`).
+            retain_memory: On the CPU, keep freed memory in the process heap between
+                steps (:func:`emberfl.core.heap.retain_freed_memory`: process-wide, glibc
+                only) instead of page-faulting the chunk's large tensors in again on every
+                step.
 
         Raises:
             ConfigError: For ``chunk_size <= 0``, ``num_parallels <= 0``, a bad optimiser
@@ -204,6 +206,7 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
         self.nesterov = nesterov
         self.num_parallels = num_parallels
         self.intra_op_threads = intra_op_threads
+        self.retain_memory = retain_memory
         self.round = 0
         self.cache: list[FedAvgUplinkPackage] = []
         self._vmodel = VectorizedModel(self.model, conv=conv, device=device)
@@ -257,11 +260,12 @@ class FedAvgVectorizedClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAv
         self.close()
         arena = ParamArena.from_model(self.model, len(cid_list))
         self._arena = arena
+        on_cpu = self._vmodel.device.type == "cpu"
         chunk = self.chunk_size or (
-            min(len(cid_list), DEFAULT_CPU_CHUNK)
-            if self._vmodel.device.type == "cpu"
-            else len(cid_list)
+            default_chunk_size(len(cid_list), self.num_parallels) if on_cpu else len(cid_list)
         )
+        if on_cpu and self.retain_memory:
+            retain_freed_memory()
         starts = list(range(0, len(cid_list), chunk))
         workers = min(self.num_parallels, len(starts))
         while len(self._replicas) < workers:
@@ -374,7 +378,16 @@ class FedAvgVectorizedServerHandler(FedAvgBaseServerHandler):
     on that arena directly (no copy into the server's arena). Otherwise, or for other
     packages, it behaves exactly like :class:`FedAvgBaseServerHandler`. Both paths give
     bitwise-identical models.
+
+    The global model's ``torch.nn.MaxPool2d`` modules are replaced by
+    :class:`emberfl.nn.MaxPool2d` (:func:`emberfl.nn.use_fast_layers`), which computes the
+    same values faster on the CPU, so evaluating it costs less; its state dict is the same.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Create the handler; the arguments are :class:`FedAvgBaseServerHandler`'s."""
+        super().__init__(*args, **kwargs)
+        use_fast_layers(self.model)
 
     def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
         """Replace the global model with the data-size-weighted mean of ``buffer``.

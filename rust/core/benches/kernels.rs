@@ -1,4 +1,4 @@
-//! Criterion benchmarks: RNG throughput and the aggregation kernels.
+//! Criterion benchmarks: RNG throughput, the aggregation kernels and max pooling.
 //!
 //! `cargo bench -p emberfl-core` — results under target/criterion.
 
@@ -48,5 +48,36 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rng, kernels);
+/// The first pool of the CIFAR-10 tutorial CNN at batch 50: 300 planes of 28x28, 2x2.
+fn maxpool(c: &mut Criterion) {
+    use emberfl_core::maxpool::{max_pool2d_backward, max_pool2d_forward, Planes, Window};
+    let shape = Planes {
+        planes: 300,
+        h: 28,
+        w: 28,
+    };
+    let win = Window {
+        kh: 2,
+        kw: 2,
+        sh: 2,
+        sw: 2,
+    };
+    let mut s = Stream::for_client(0, 0, 0, 1);
+    let x: Vec<f32> = (0..300 * 28 * 28).map(|_| s.next_f64() as f32).collect();
+    let mut out = vec![0f32; 300 * 14 * 14];
+    let mut arg = vec![0u8; 300 * 14 * 14];
+    let mut gi = vec![0f32; x.len()];
+    let p = pool(1).unwrap();
+    let mut g = c.benchmark_group("max_pool2d_300x28x28");
+    g.throughput(Throughput::Bytes((x.len() * 4) as u64));
+    g.bench_function("forward", |b| {
+        b.iter(|| max_pool2d_forward(&x, shape, win, &mut out, &mut arg, &p).unwrap())
+    });
+    g.bench_function("backward", |b| {
+        b.iter(|| max_pool2d_backward(&out, &arg, shape, win, &mut gi, &p).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, rng, kernels, maxpool);
 criterion_main!(benches);

@@ -6,6 +6,7 @@
 pub mod aggregate;
 pub mod arena;
 pub mod error;
+pub mod maxpool;
 pub mod pool;
 pub mod rng;
 

@@ -1,7 +1,10 @@
 //! Aggregation kernels over arena slots; the GIL is released while they run.
 
-use emberfl_core::{aggregate, pool, Out};
-use numpy::{PyArray1, PyArrayMethods, PyReadwriteArray1};
+use emberfl_core::{aggregate, maxpool, pool, Out};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray3,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 
 use crate::arena::Arena;
@@ -124,4 +127,67 @@ pub fn pairwise_sq_dists<'py>(
     })?;
     let v = r.map_err(|e| kernel_error(py, e, &slots))?;
     Ok(PyArray1::from_vec(py, v))
+}
+
+fn pool_shape(dims: &[usize]) -> maxpool::Planes {
+    maxpool::Planes {
+        planes: dims[0],
+        h: dims[1],
+        w: dims[2],
+    }
+}
+
+fn pool_window(kernel: (usize, usize), stride: (usize, usize)) -> maxpool::Window {
+    maxpool::Window {
+        kh: kernel.0,
+        kw: kernel.1,
+        sh: stride.0,
+        sw: stride.1,
+    }
+}
+
+/// Max-pool `input` (planes, h, w) into `out`, with each window's arg-max in `argmax`.
+#[pyfunction]
+#[pyo3(signature = (input, kernel, stride, out, argmax, *, num_threads))]
+pub fn max_pool2d_forward(
+    py: Python<'_>,
+    input: PyReadonlyArray3<'_, f32>,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    mut out: PyReadwriteArray3<'_, f32>,
+    mut argmax: PyReadwriteArray3<'_, u8>,
+    num_threads: usize,
+) -> PyResult<()> {
+    let p = thread_pool(num_threads)?;
+    let shape = pool_shape(input.shape());
+    let x = input.as_slice()?;
+    let o = out.as_slice_mut()?;
+    let a = argmax.as_slice_mut()?;
+    run_detached(py, x.len(), || {
+        maxpool::max_pool2d_forward(x, shape, pool_window(kernel, stride), o, a, &p)
+    })?
+    .map_err(|e| CoreError(e).into())
+}
+
+/// The gradient of `max_pool2d_forward`: `grad_in` (planes, h, w) is overwritten.
+#[pyfunction]
+#[pyo3(signature = (grad_out, argmax, kernel, stride, grad_in, *, num_threads))]
+pub fn max_pool2d_backward(
+    py: Python<'_>,
+    grad_out: PyReadonlyArray3<'_, f32>,
+    argmax: PyReadonlyArray3<'_, u8>,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    mut grad_in: PyReadwriteArray3<'_, f32>,
+    num_threads: usize,
+) -> PyResult<()> {
+    let p = thread_pool(num_threads)?;
+    let shape = pool_shape(grad_in.shape());
+    let g = grad_out.as_slice()?;
+    let a = argmax.as_slice()?;
+    let gi = grad_in.as_slice_mut()?;
+    run_detached(py, gi.len(), || {
+        maxpool::max_pool2d_backward(g, a, shape, pool_window(kernel, stride), gi, &p)
+    })?
+    .map_err(|e| CoreError(e).into())
 }
