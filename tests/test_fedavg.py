@@ -31,6 +31,7 @@ from emberfl.contrib import (
 )
 from emberfl.core import serialize_model
 from emberfl.errors import ConfigError, TensorMismatchError
+from emberfl.nn import MaxPool2d
 
 NUM_CLIENTS = 6
 SEED = 42
@@ -151,9 +152,16 @@ def make_server(
 
 
 def make_trainer(
-    mode: str, parallel: int, dataset: TinyDataset, *, out_of_order: bool = False, epochs: int = 2
+    mode: str,
+    parallel: int,
+    dataset: TinyDataset,
+    *,
+    out_of_order: bool = False,
+    epochs: int = 2,
+    fast_layers: bool = True,
 ) -> Any:
     common: dict[str, Any] = {
+        "fast_layers": fast_layers,
         "model_selector": TinySelector(),
         "model_name": TinyModelName.CNN,
         "dataset": dataset,
@@ -293,6 +301,27 @@ def test_wrong_uplink_shape_names_the_client_and_layout() -> None:
     bad = FedAvgUplinkPackage(5, torch.zeros(10, dtype=torch.float64), 8)
     with pytest.raises(TensorMismatchError, match=r"client 5 .*float64.*0\.weight \(6, 3, 3, 3\)"):
         server.global_update([good, bad])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["serial", "thread", "process"])
+def test_fast_layers_change_nothing_but_the_pool_module(mode: str) -> None:
+    """emberfl.nn.MaxPool2d is bitwise torch's: the global model is identical either way."""
+    dataset = TinyDataset()
+    models = []
+    for fast in (True, False):
+        trainer = make_trainer(mode, 2, dataset, epochs=1, fast_layers=fast)
+        try:
+            model, _ = run_fedavg(trainer, dataset, rounds=2)
+        finally:
+            if mode == "process":
+                trainer.shutdown()
+        models.append(model)
+        if mode == "serial":
+            assert (type(trainer.model[2]) is MaxPool2d) is fast
+    assert torch.equal(models[0].view(torch.int32), models[1].view(torch.int32))
+    server = make_server(dataset)
+    assert type(server.model[2]) is MaxPool2d
 
 
 @pytest.mark.timeout(120)

@@ -44,6 +44,7 @@ from emberfl.core import (
 )
 from emberfl.core.batches import iter_batches
 from emberfl.errors import ClientError, ConfigError, TensorMismatchError
+from emberfl.nn import use_fast_layers
 from emberfl.reproducibility import RNGSuite, client_rng_suite, create_rng_suite
 from emberfl.rng import Purpose, stream
 
@@ -162,6 +163,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         seed: int,
         *,
         aggregation_threads: int | None = None,
+        fast_layers: bool = True,
     ) -> None:
         """Create the server.
 
@@ -176,6 +178,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             batch_size: Evaluation batch size.
             seed: The experiment seed (drives client sampling).
             aggregation_threads: Threads of the aggregation kernel.
+            fast_layers: Evaluate with emberfl's CPU kernels where they compute exactly
+                what PyTorch's do (:func:`emberfl.nn.use_fast_layers`).
 
         Raises:
             ConfigError: If a count or ratio is out of range.
@@ -193,6 +197,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
                 f"num_clients (got num_clients={num_clients}, sample_ratio={sample_ratio})"
             )
         self.model = model_selector.select_model(model_name)
+        if fast_layers:
+            use_fast_layers(self.model)
         self.dataset = dataset
         self.global_round = global_round
         self.num_clients = num_clients
@@ -470,6 +476,7 @@ class FedAvgBaseClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAvgDownl
         seed: int,
         *,
         intra_op_threads: int | None = 1,
+        fast_layers: bool = True,
     ) -> None:
         """Create the trainer.
 
@@ -484,8 +491,12 @@ class FedAvgBaseClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAvgDownl
             lr: SGD learning rate.
             seed: The experiment seed.
             intra_op_threads: PyTorch's intra-op thread count while training.
+            fast_layers: Train with emberfl's CPU kernels where they compute exactly what
+                PyTorch's do, bit for bit (:func:`emberfl.nn.use_fast_layers`).
         """
         self.model = model_selector.select_model(model_name)
+        if fast_layers:
+            use_fast_layers(self.model)
         self.dataset = dataset
         self.device = device
         self.num_clients = num_clients
@@ -562,6 +573,7 @@ class FedAvgClientConfig:
         seed: The experiment seed (the client's stream is ``(seed, cid, round)``).
         state_path: Kept for BlazeFL compatibility; emberfl has no per-client state file.
         round: The round (drives the client's generators).
+        fast_layers: Train with emberfl's bitwise-equivalent CPU kernels.
     """
 
     model_selector: ModelSelector[Any]
@@ -574,6 +586,7 @@ class FedAvgClientConfig:
     seed: int
     state_path: Path | None = None
     round: int = 0
+    fast_layers: bool = True
 
 
 class FedAvgProcessPoolClientTrainer(
@@ -620,6 +633,7 @@ class FedAvgProcessPoolClientTrainer(
         *,
         intra_op_threads: int | None = 1,
         start_workers: bool = True,
+        fast_layers: bool = True,
     ) -> None:
         """Create the trainer and start its worker processes in the background.
 
@@ -638,6 +652,8 @@ class FedAvgProcessPoolClientTrainer(
             intra_op_threads: PyTorch's intra-op thread count in each worker.
             start_workers: Spawn the workers now (see :meth:`start`) rather than on the
                 first round.
+            fast_layers: Train with emberfl's CPU kernels where they compute exactly what
+                PyTorch's do, bit for bit (:func:`emberfl.nn.use_fast_layers`).
         """
         self.num_parallels = num_parallels
         self.device = device
@@ -654,6 +670,7 @@ class FedAvgProcessPoolClientTrainer(
         self.seed = seed
         self.round = 0
         self.intra_op_threads = intra_op_threads
+        self.fast_layers = fast_layers
         self.stop_event = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
         self.model_parameters_buffer = serialize_model(model_selector.select_model(model_name))
         if start_workers:
@@ -710,6 +727,8 @@ class FedAvgProcessPoolClientTrainer(
             The package, with ``model_parameters`` left in ``shm_buffer``.
         """
         model = config.model_selector.select_model(config.model_name)
+        if config.fast_layers:
+            use_fast_layers(model)
         loader = _client_loader(
             config.dataset, config.cid, config.batch_size, config.seed, config.round
         )
@@ -789,6 +808,7 @@ class FedAvgProcessPoolClientTrainer(
             seed=self.seed,
             state_path=self.state_dir / f"{cid}.pt" if self.state_dir is not None else None,
             round=self.round,
+            fast_layers=getattr(self, "fast_layers", True),
         )
 
     def local_process(self, payload: FedAvgDownlinkPackage, cid_list: list[int]) -> None:
@@ -843,6 +863,7 @@ class FedAvgThreadPoolClientTrainer(
         num_parallels: int,
         *,
         intra_op_threads: int | None = 1,
+        fast_layers: bool = True,
     ) -> None:
         """Create the trainer.
 
@@ -858,6 +879,8 @@ class FedAvgThreadPoolClientTrainer(
             seed: The experiment seed.
             num_parallels: Number of threads.
             intra_op_threads: PyTorch's intra-op thread count while the pool runs.
+            fast_layers: Train with emberfl's CPU kernels where they compute exactly what
+                PyTorch's do, bit for bit (:func:`emberfl.nn.use_fast_layers`).
         """
         self.num_parallels = num_parallels
         self.device = device
@@ -877,6 +900,8 @@ class FedAvgThreadPoolClientTrainer(
         # Copies of one template instead of select_model() per client: building a model
         # in a thread would draw from PyTorch's global generator.
         self._template = model_selector.select_model(model_name)
+        if fast_layers:
+            use_fast_layers(self._template)
 
     def progress_fn(
         self, it: list[Future[FedAvgUplinkPackage]]

@@ -47,7 +47,6 @@ from emberfl.core.batches import iter_batches
 from emberfl.core.heap import retain_freed_memory
 from emberfl.core.vectorized import ConvMode, StackedSGD, VectorizedModel, stack_batches
 from emberfl.errors import ClientError, ConfigError
-from emberfl.nn import use_fast_layers
 from emberfl.reproducibility import client_rng_suite
 
 __all__ = [
@@ -378,16 +377,7 @@ class FedAvgVectorizedServerHandler(FedAvgBaseServerHandler):
     on that arena directly (no copy into the server's arena). Otherwise, or for other
     packages, it behaves exactly like :class:`FedAvgBaseServerHandler`. Both paths give
     bitwise-identical models.
-
-    The global model's ``torch.nn.MaxPool2d`` modules are replaced by
-    :class:`emberfl.nn.MaxPool2d` (:func:`emberfl.nn.use_fast_layers`), which computes the
-    same values faster on the CPU, so evaluating it costs less; its state dict is the same.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Create the handler; the arguments are :class:`FedAvgBaseServerHandler`'s."""
-        super().__init__(*args, **kwargs)
-        use_fast_layers(self.model)
 
     def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
         """Replace the global model with the data-size-weighted mean of ``buffer``.
