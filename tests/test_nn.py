@@ -20,7 +20,7 @@ from emberfl.core.batches import iter_batches, tensor_dataset
 from emberfl.core.heap import retain_freed_memory
 from emberfl.errors import InvalidArgumentError, TensorMismatchError
 from emberfl.models import Models
-from emberfl.nn import MaxPool2d, use_fast_layers
+from emberfl.nn import MaxPool2d, pool_before_relu, use_fast_layers
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -256,3 +256,68 @@ def test_retain_freed_memory_on_glibc() -> None:
     assert retain_freed_memory() is result  # once per process
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert result is True
+
+
+# -- pool_before_relu ------------------------------------------------------------------------
+
+
+class _Patterns(nn.Module):
+    """ReLU-then-pool in every spelling, plus pairs that must not be rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.pool3 = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.pool(torch.relu(self.conv(x)))  # function form
+        b = self.pool3(self.relu(self.conv(x)))  # module form, overlapping windows
+        c = self.pool(torch.nn.functional.relu(self.conv(x)))  # F.relu
+        shared = torch.relu(self.conv(x))
+        d = self.pool(shared) + shared[..., ::2, ::2]  # relu has two users: kept
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1)], 1)
+
+
+def test_pool_before_relu_is_bitwise_the_same() -> None:
+    torch.manual_seed(0)
+    model = _Patterns()
+    rewritten, count = pool_before_relu(model)
+    assert count == 3
+    assert list(rewritten.state_dict()) == list(model.state_dict())
+    use_fast_layers(rewritten)
+    for seed, special in [(1, "none"), (2, "ties"), (3, "nan")]:
+        gen = torch.Generator().manual_seed(seed)
+        if special == "ties":
+            x = torch.randint(-2, 3, (3, 2, 8, 8), generator=gen).float()
+        else:
+            x = torch.randn(3, 2, 8, 8, generator=gen)
+        if special == "nan":
+            x[0, 0, 1, 1] = float("nan")
+        xa = x.clone().requires_grad_(True)
+        xb = x.clone().requires_grad_(True)
+        ya, yb = model(xa), rewritten(xb)
+        _assert_same(ya, yb)
+        g = torch.randn(ya.shape, generator=gen)
+        ga = torch.autograd.grad(ya, [xa, *model.parameters()], g)
+        gb = torch.autograd.grad(yb, [xb, *rewritten.parameters()], g)
+        for u, v in zip(ga, gb, strict=True):
+            _assert_same(u, v)
+
+
+def test_pool_before_relu_leaves_untraceable_models_alone() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent: symbolic tracing fails
+                return self.pool(torch.relu(x))
+            return x
+
+    model = Branchy()
+    assert pool_before_relu(model) == (model, 0)
+    plain = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    assert pool_before_relu(plain) == (plain, 0)
