@@ -150,6 +150,7 @@ def run_emberfl(
     parallelism: int,
     threads: int = 1,
     chunk_size: int | None = None,
+    evaluation_threads: int | None = None,
 ) -> dict[str, Any]:
     """Run emberfl's FedAvg on the workload and return the JSON record.
 
@@ -163,7 +164,10 @@ def run_emberfl(
         parallelism: Clients at once (1 for ``serial``); chunks at once for
             ``vectorized``.
         threads: PyTorch intra-op threads per client.
-        chunk_size: Clients trained at once in ``vectorized`` mode (``None``: all).
+        chunk_size: Clients trained at once in ``vectorized`` mode (``None``: the
+            trainer's default).
+        evaluation_threads: The server's ``evaluation_threads`` (``None``: the
+            parallelism; the evaluation's result does not depend on it).
 
     Returns:
         The record (see :func:`fl_workload.result_record`), with a per-round
@@ -187,6 +191,8 @@ def run_emberfl(
         seed=config.seed,
     )
     parallelism = 1 if mode == "serial" else parallelism
+    eval_threads = evaluation_threads or parallelism
+    handler.evaluation_threads = eval_threads
     with tempfile.TemporaryDirectory(prefix="emberfl-bench-") as state:
         trainer = _make_trainer(
             mode, config, dataset, selector, parallelism, threads, Path(state), chunk_size
@@ -213,6 +219,7 @@ def run_emberfl(
     )
     if mode == "vectorized":
         record["chunk_size"] = chunk_size
+    record["evaluation_threads"] = eval_threads
     return record
 
 
@@ -236,6 +243,11 @@ def main() -> None:
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, help="vectorized mode: clients at once")
+    parser.add_argument(
+        "--evaluation-threads",
+        type=int,
+        help="test batches the server evaluates at once (default: --parallelism)",
+    )
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -256,6 +268,7 @@ def main() -> None:
         parallelism=args.parallelism,
         threads=args.threads,
         chunk_size=args.chunk_size,
+        evaluation_threads=args.evaluation_threads,
     )
     text = json.dumps(record, indent=2)
     if args.out:

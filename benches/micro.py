@@ -245,23 +245,32 @@ def _overhead_data(clients: int, per_client: int) -> WorkloadData:
 
 
 def bench_overhead(repeats: int, clients: int = 20, per_client: int = 500) -> dict[str, Any]:
-    """emberfl's serial FedAvg trainer vs a bare PyTorch loop, per client."""
+    """emberfl's serial FedAvg trainer vs a bare PyTorch loop, per client.
+
+    The overhead is measured with ``fast_layers=False`` (the same PyTorch kernels as the
+    bare loop); the default trainer (emberfl's max-pool kernel) is timed beside them.
+    """
     torch.set_num_threads(1)
     data = _overhead_data(clients, per_client)
     dataset = InMemoryPartitionedDataset(data)
     selector = WorkloadModelSelector(seed=0)
     epochs, batch, lr = 1, 50, 0.1
-    trainer = FedAvgBaseClientTrainer(
-        model_selector=selector,
-        model_name="cnn",
-        dataset=dataset,  # type: ignore[arg-type]
-        device="cpu",
-        num_clients=clients,
-        epochs=epochs,
-        batch_size=batch,
-        lr=lr,
-        seed=0,
-    )
+
+    def make(fast_layers: bool) -> FedAvgBaseClientTrainer:
+        return FedAvgBaseClientTrainer(
+            model_selector=selector,
+            model_name="cnn",
+            dataset=dataset,  # type: ignore[arg-type]
+            device="cpu",
+            num_clients=clients,
+            epochs=epochs,
+            batch_size=batch,
+            lr=lr,
+            seed=0,
+            fast_layers=fast_layers,
+        )
+
+    trainer, fast_trainer = make(False), make(True)
     global_params = serialize_model(selector.select_model("cnn"))
     payload = type("Payload", (), {"model_parameters": global_params})()
     cids = list(range(clients))
@@ -270,6 +279,10 @@ def bench_overhead(repeats: int, clients: int = 20, per_client: int = 500) -> di
     def emberfl_round() -> None:
         trainer.local_process(payload, cids)  # type: ignore[arg-type]
         trainer.uplink_package()
+
+    def fast_round() -> None:
+        fast_trainer.local_process(payload, cids)  # type: ignore[arg-type]
+        fast_trainer.uplink_package()
 
     def bare_round() -> None:
         for cid in cids:
@@ -287,15 +300,18 @@ def bench_overhead(repeats: int, clients: int = 20, per_client: int = 500) -> di
             torch.nn.utils.parameters_to_vector(bare_model.parameters()).detach().clone()
 
     emberfl_round()
+    fast_round()
     bare_round()
     ember_t: list[float] = []
+    fast_t: list[float] = []
     bare_t: list[float] = []
     for _ in range(repeats):  # interleaved
-        for fn, sink in ((emberfl_round, ember_t), (bare_round, bare_t)):
+        for fn, sink in ((emberfl_round, ember_t), (fast_round, fast_t), (bare_round, bare_t)):
             start = time.perf_counter()
             fn()
             sink.append(time.perf_counter() - start)
     e, b = statistics.median(ember_t), statistics.median(bare_t)
+    f = statistics.median(fast_t)
     return {
         "clients": clients,
         "samples_per_client": per_client,
@@ -305,6 +321,8 @@ def bench_overhead(repeats: int, clients: int = 20, per_client: int = 500) -> di
         "bare_pytorch_per_client_ms": 1e3 * b / clients,
         "overhead_per_client_ms": 1e3 * (e - b) / clients,
         "overhead_fraction": (e - b) / b,
+        "emberfl_serial_fast_layers_per_client_ms": 1e3 * f / clients,
+        "fast_layers_speedup_vs_bare": b / f,
     }
 
 

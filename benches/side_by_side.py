@@ -155,8 +155,16 @@ def plan(
     return runs
 
 
-def command(run: Run, config: WorkloadConfig, data_dir: Path, threads: int, out: Path) -> list[str]:
-    """Return the command line of one run."""
+def command(
+    run: Run,
+    config: WorkloadConfig,
+    data_dir: Path,
+    threads: int,
+    out: Path,
+    *,
+    emberfl_eval_threads: int | None = None,
+) -> list[str]:
+    """Return the command line of one run (``emberfl_eval_threads``: see ``--help``)."""
     common = [
         "--data-dir",
         str(data_dir),
@@ -172,13 +180,23 @@ def command(run: Run, config: WorkloadConfig, data_dir: Path, threads: int, out:
         str(out),
     ]
     if run.framework == "emberfl":
-        return [sys.executable, str(BENCHES / "bench_emberfl.py"), *common]
+        extra = []
+        if emberfl_eval_threads is not None:
+            extra = ["--evaluation-threads", str(emberfl_eval_threads)]
+        return [sys.executable, str(BENCHES / "bench_emberfl.py"), *common, *extra]
     script = BENCHES / "peers" / f"{run.framework}_runner.py"
     return [str(peer_python(run.framework)), str(script), *common]
 
 
 def execute(
-    run: Run, config: WorkloadConfig, data_dir: Path, threads: int, runs_dir: Path, timeout: int
+    run: Run,
+    config: WorkloadConfig,
+    data_dir: Path,
+    threads: int,
+    runs_dir: Path,
+    timeout: int,
+    *,
+    emberfl_eval_threads: int | None = None,
 ) -> dict[str, Any]:
     """Start one run; return its record, or ``{"error": ...}`` with the log's tail."""
     out = runs_dir / f"{run.name}.json"
@@ -193,7 +211,9 @@ def execute(
     try:
         with log.open("w") as handle:
             proc = subprocess.run(
-                command(run, config, data_dir, threads, out),
+                command(
+                    run, config, data_dir, threads, out, emberfl_eval_threads=emberfl_eval_threads
+                ),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -365,6 +385,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     parser.add_argument("--results-dir", type=Path, default=BENCHES / "results")
     parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs")
+    parser.add_argument(
+        "--emberfl-evaluation-threads",
+        type=int,
+        help="threads emberfl's server evaluates the global model with (default: P, the "
+        "run's parallelism; the peers evaluate with one)",
+    )
     args = parser.parse_args()
     frameworks = _csv(args.frameworks)
     modes = _csv(args.modes)
@@ -388,7 +414,15 @@ def main() -> None:
     records: dict[str, list[dict[str, Any]]] = {}
     errors: dict[str, dict[str, Any]] = {}
     for run in plan(frameworks, modes, parallelisms, args.repeats):
-        result = execute(run, config, data_dir, args.threads, runs_dir, args.timeout)
+        result = execute(
+            run,
+            config,
+            data_dir,
+            args.threads,
+            runs_dir,
+            args.timeout,
+            emberfl_eval_threads=args.emberfl_evaluation_threads,
+        )
         key = _key(run.framework, run.mode, run.parallelism)
         status = f"{result['total_seconds']:.2f}s" if "error" not in result else result["error"]
         print(f"[{run.name}] {status}", file=sys.stderr, flush=True)

@@ -286,6 +286,42 @@ def test_one_round_updates_the_model_with_data_size_weights() -> None:
     assert 0.0 <= summary["server_acc"] <= 1.0
 
 
+def test_evaluation_threads_give_the_same_numbers() -> None:
+    """Batch sums are added in batch order: any thread count gives the same bits."""
+    gen = torch.Generator().manual_seed(7)
+    data = TensorDataset(torch.randn(203, 3, 8, 8, generator=gen), torch.randint(0, 10, (203,)))
+    model = TinySelector().select_model(TinyModelName.CNN)
+    results = {
+        n: FedAvgBaseServerHandler.evaluate(
+            model, DataLoader(data, batch_size=10), "cpu", num_threads=n
+        )
+        for n in (1, 2, 3, 8)
+    }
+    assert len(set(results.values())) == 1
+    loss, acc = results[1]
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    ref = torch.nn.functional.cross_entropy(logits.double(), data.tensors[1], reduction="mean")
+    assert loss == pytest.approx(float(ref), rel=1e-5)
+    assert acc == float((logits.argmax(1) == data.tensors[1]).double().mean())
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        FedAvgBaseServerHandler.evaluate(model, DataLoader(data), "cpu", num_threads=0)
+    dataset = TinyDataset()
+    with pytest.raises(ConfigError, match="evaluation_threads must be >= 1"):
+        FedAvgBaseServerHandler(
+            model_selector=TinySelector(),
+            model_name=TinyModelName.CNN,
+            dataset=dataset,
+            global_round=1,
+            num_clients=NUM_CLIENTS,
+            sample_ratio=1.0,
+            device="cpu",
+            batch_size=4,
+            seed=SEED,
+            evaluation_threads=0,
+        )
+
+
 def test_evaluate_rejects_an_empty_loader() -> None:
     empty = TensorDataset(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one sample"):

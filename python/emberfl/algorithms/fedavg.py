@@ -19,12 +19,13 @@ import copy
 import multiprocessing
 import threading
 import traceback
-from collections.abc import Iterable, Sized
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -47,6 +48,8 @@ from emberfl.errors import ClientError, ConfigError, TensorMismatchError
 from emberfl.nn import use_fast_layers
 from emberfl.reproducibility import RNGSuite, client_rng_suite, create_rng_suite
 from emberfl.rng import Purpose, stream
+
+_R = TypeVar("_R")
 
 __all__ = [
     "FedAvgBaseClientTrainer",
@@ -148,6 +151,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         rng_suite: The server's generators.
         aggregation_threads: Threads of the Rust aggregation kernel (``None``: PyTorch's
             thread count); the result does not depend on it.
+        evaluation_threads: Test batches evaluated at once by :meth:`get_summary`.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         *,
         aggregation_threads: int | None = None,
         fast_layers: bool = True,
+        evaluation_threads: int = 1,
     ) -> None:
         """Create the server.
 
@@ -180,6 +185,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             aggregation_threads: Threads of the aggregation kernel.
             fast_layers: Evaluate with emberfl's CPU kernels where they compute exactly
                 what PyTorch's do (:func:`emberfl.nn.use_fast_layers`).
+            evaluation_threads: Test batches evaluated at once by :meth:`get_summary`
+                (the result does not depend on it).
 
         Raises:
             ConfigError: If a count or ratio is out of range.
@@ -188,6 +195,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             raise ConfigError(f"global_round must be positive, got {global_round}")
         if num_clients <= 0:
             raise ConfigError(f"num_clients must be positive, got {num_clients}")
+        if isinstance(evaluation_threads, bool) or evaluation_threads < 1:
+            raise ConfigError(f"evaluation_threads must be >= 1, got {evaluation_threads}")
         if not 0 < sample_ratio <= 1:
             raise ConfigError(f"sample_ratio must be in the interval (0, 1], got {sample_ratio}")
         num_clients_per_round = int(num_clients * sample_ratio)
@@ -207,6 +216,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         self.batch_size = batch_size
         self.seed = seed
         self.aggregation_threads = aggregation_threads
+        self.evaluation_threads = evaluation_threads
         self.client_buffer_cache: list[FedAvgUplinkPackage] = []
         self.num_clients_per_round = num_clients_per_round
         self.round = 0
@@ -329,34 +339,52 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
 
     @staticmethod
     def evaluate(
-        model: torch.nn.Module, test_loader: DataLoader[Any], device: str
+        model: torch.nn.Module,
+        test_loader: DataLoader[Any],
+        device: str,
+        *,
+        num_threads: int = 1,
     ) -> tuple[float, float]:
         """Return ``(average loss, accuracy)`` of ``model`` on ``test_loader``.
+
+        Every batch's loss sum is computed on its own and the sums are added in batch
+        order, so the result is the same for any ``num_threads``.
 
         Args:
             model: The model.
             test_loader: Yields ``(inputs, labels)``.
             device: Where to evaluate.
+            num_threads: Batches evaluated at once, in threads (each runs PyTorch's
+                kernels, which release the GIL, with PyTorch's intra-op thread count).
 
         Returns:
             Mean cross-entropy and accuracy.
 
         Raises:
-            ValueError: If the loader yields no sample.
+            ValueError: If the loader yields no sample or ``num_threads < 1``.
         """
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         model.to(device)
         model.eval()
         criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+
+        def one(batch: Any) -> tuple[float, int, int]:
+            inputs, labels = batch
+            with torch.no_grad():  # per thread: grad mode is thread-local
+                inputs, labels = inputs.to(device), labels.to(device)
+                outputs = model(inputs)
+                loss = float(criterion(outputs, labels).item())
+                correct = int((outputs.argmax(dim=1) == labels).sum().item())
+            return loss, correct, int(labels.size(0))
+
         total_loss = 0.0
         total_correct = 0
         total = 0
-        with torch.no_grad():
-            for inputs, labels in iter_batches(test_loader):
-                inputs, labels = inputs.to(device), labels.to(device)
-                outputs = model(inputs)
-                total_loss += float(criterion(outputs, labels).item())
-                total_correct += int((outputs.argmax(dim=1) == labels).sum().item())
-                total += int(labels.size(0))
+        for loss, correct, count in _in_order(one, iter_batches(test_loader), num_threads):
+            total_loss += loss
+            total_correct += correct
+            total += count
         if total == 0:
             raise ValueError("the evaluation data loader must yield at least one sample")
         return total_loss / total, total_correct / total
@@ -373,7 +401,9 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             batch_size=self.batch_size,
             generator=self.rng_suite.torch_cpu,
         )
-        loss, acc = FedAvgBaseServerHandler.evaluate(self.model, loader, self.device)
+        loss, acc = FedAvgBaseServerHandler.evaluate(
+            self.model, loader, self.device, num_threads=self.evaluation_threads
+        )
         return {"server_acc": acc, "server_loss": loss}
 
     def downlink_package(self) -> FedAvgDownlinkPackage:
@@ -985,3 +1015,21 @@ class FedAvgThreadPoolClientTrainer(
         """Return (and clear) the cached packages."""
         package, self.cache = self.cache, []
         return package
+
+
+def _in_order(fn: Callable[[Any], _R], items: Iterable[Any], num_threads: int) -> Iterator[_R]:
+    """Yield ``fn(item)`` for every item, in order, computing up to ``num_threads`` at once.
+
+    At most ``2 * num_threads`` items are read ahead of the one being yielded.
+    """
+    if num_threads == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="emberfl-eval") as pool:
+        pending: deque[Future[_R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * num_threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
