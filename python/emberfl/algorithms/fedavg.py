@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import pickle
 import threading
 import traceback
 from collections import deque
@@ -448,7 +449,7 @@ def _fedavg_train(
     params = [p for p in model.parameters() if p.requires_grad]
     criterion = torch.nn.CrossEntropyLoss()
     for _ in range(epochs):
-        for data, target in train_loader:
+        for data, target in iter_batches(train_loader):
             if stop_event is not None and stop_event.is_set():
                 break
             data, target = data.to(device), target.to(device)
@@ -604,6 +605,10 @@ class FedAvgClientConfig:
         state_path: Kept for BlazeFL compatibility; emberfl has no per-client state file.
         round: The round (drives the client's generators).
         fast_layers: Train with emberfl's bitwise-equivalent CPU kernels.
+        model_template: A model of the architecture (:class:`ModelTemplate`), copied for
+            each client instead of calling ``model_selector`` in the worker (``None``:
+            call it). Its values never matter: every client loads the global model into
+            its copy.
     """
 
     model_selector: ModelSelector[Any]
@@ -617,6 +622,7 @@ class FedAvgClientConfig:
     state_path: Path | None = None
     round: int = 0
     fast_layers: bool = True
+    model_template: ModelTemplate | None = None
 
 
 class FedAvgProcessPoolClientTrainer(
@@ -702,7 +708,14 @@ class FedAvgProcessPoolClientTrainer(
         self.intra_op_threads = intra_op_threads
         self.fast_layers = fast_layers
         self.stop_event = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
-        self.model_parameters_buffer = serialize_model(model_selector.select_model(model_name))
+        template = model_selector.select_model(model_name)
+        if fast_layers:
+            use_fast_layers(template)
+        self.model_parameters_buffer = serialize_model(template)
+        # Sent to each worker once and copied per client, like the thread trainer's
+        # template: building a model (select_model) in a fresh worker costs milliseconds
+        # per client, and seeding PyTorch there imports TorchDynamo (seconds) in round 1.
+        self._template = _template_of(template)
         if start_workers:
             self.start()
 
@@ -756,9 +769,12 @@ class FedAvgProcessPoolClientTrainer(
         Returns:
             The package, with ``model_parameters`` left in ``shm_buffer``.
         """
-        model = config.model_selector.select_model(config.model_name)
-        if config.fast_layers:
-            use_fast_layers(model)
+        if config.model_template is not None:
+            model = copy.deepcopy(config.model_template.model)
+        else:
+            model = config.model_selector.select_model(config.model_name)
+            if config.fast_layers:
+                use_fast_layers(model)
         loader = _client_loader(
             config.dataset, config.cid, config.batch_size, config.seed, config.round
         )
@@ -839,6 +855,7 @@ class FedAvgProcessPoolClientTrainer(
             state_path=self.state_dir / f"{cid}.pt" if self.state_dir is not None else None,
             round=self.round,
             fast_layers=getattr(self, "fast_layers", True),
+            model_template=getattr(self, "_template", None),
         )
 
     def local_process(self, payload: FedAvgDownlinkPackage, cid_list: list[int]) -> None:
@@ -1033,3 +1050,43 @@ def _in_order(fn: Callable[[Any], _R], items: Iterable[Any], num_threads: int) -
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+class ModelTemplate:
+    """A model that travels to worker processes as one pickle, unpickled once there.
+
+    Worker processes receive objects shared by all clients once, with their tensors moved
+    to shared memory as plain tensors; this wrapper holds the model's pickle instead, so
+    its parameters come back as ``nn.Parameter`` with their ``requires_grad``.
+
+    Attributes:
+        data: The model, pickled.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        """Pickle ``model``.
+
+        Raises:
+            Exception: Whatever pickling the model raises (a lambda, a local class).
+        """
+        self.data = pickle.dumps(model)
+        self._model: torch.nn.Module | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model (unpickled on first use, then cached; copy it before training)."""
+        if self._model is None:
+            self._model = pickle.loads(self.data)
+        return self._model
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Send the pickle only."""
+        return {"data": self.data, "_model": None}
+
+
+def _template_of(model: torch.nn.Module) -> ModelTemplate | None:
+    """Wrap ``model``, or ``None`` if it does not pickle (workers then call the selector)."""
+    try:
+        return ModelTemplate(model)
+    except Exception:
+        return None
