@@ -8,6 +8,8 @@ import numpy.typing as npt
 __all__ = [
     "Arena",
     "Stream",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
     "median",
     "norms",
     "pairwise_sq_dists",
