@@ -14,9 +14,11 @@ output element; for the 2x2 pools of LeNet-style CNNs it costs as much as a conv
   :func:`torch.func.vmap`; under :func:`torch.func.grad` it falls back to PyTorch's.
 * **Threads**: ``torch.get_num_threads()``, like PyTorch's own kernels.
 
-:func:`use_fast_layers` swaps the pools of an existing model in place; emberfl's vectorized
-execution mode does this on its own copy of the model, and its server handler for the
-evaluation of the global model.
+:func:`use_fast_layers` swaps the pools of an existing model in place; emberfl's FedAvg
+trainers and server do this to their own models by default (``fast_layers=True``).
+:func:`pool_before_relu` rewrites ``max_pool(relu(x))`` as ``relu(max_pool(x))`` (also bitwise
+the same, a quarter of the ReLU work); the vectorized execution mode applies both to its
+private copy of the model.
 
 Example:
     >>> import torch
