@@ -273,3 +273,25 @@ def test_named_arena_unlinked_when_collected() -> None:
     gc.collect()
     assert shm_files() == before  # unlinked although a view is still alive
     view.fill_(1.0)
+
+
+def _drop_inherited_arena(holder: list[ParamArena]) -> None:
+    holder.clear()  # the forked copy of the parent's arena: collected here
+    gc.collect()
+
+
+def test_a_forked_child_does_not_unlink_the_parents_named_arena() -> None:
+    before = shm_files()
+    holder = [ParamArena.from_model({"w": torch.zeros(4)}, 1, backing="shm")]
+    holder[0].slot(0).fill_(3.0)
+    child = mp.get_context("fork").Process(target=_drop_inherited_arena, args=(holder,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert len(shm_files() - before) == 1  # still there for the parent ...
+    again = ParamArena.attach(holder[0].handle)
+    assert torch.equal(again.slot(0), torch.full((4,), 3.0))
+    again.close()
+    holder.clear()
+    gc.collect()
+    assert shm_files() == before  # ... which unlinks it when it collects its arena

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from emberfl.core import ProcessPoolClientTrainer, SHMHandle, ThreadPoolClientTrainer
-from emberfl.errors import ClientError, TensorMismatchError, WorkerDiedError
+from emberfl.core import ProcessPoolClientTrainer, SHMHandle, StartMethod, ThreadPoolClientTrainer
+from emberfl.core._process_pool import resolve_start_method
+from emberfl.errors import ClientError, ConfigError, TensorMismatchError, WorkerDiedError
 from test_fedavg import TinyDataset, make_trainer
 
 BATCH_S = 0.02
@@ -59,7 +61,10 @@ def _train(config: FaultConfig, stop_event: Any) -> int:
 
 
 class FaultyProcessTrainer(ProcessPoolClientTrainer[FaultUp, FaultDown, FaultConfig, FaultUp]):
-    def __init__(self, num_parallels: int, marker_dir: Path) -> None:
+    def __init__(
+        self, num_parallels: int, marker_dir: Path, start_method: StartMethod = "auto"
+    ) -> None:
+        self.start_method = start_method
         self.num_parallels = num_parallels
         self.device = "cpu"
         self.device_count = 0
@@ -262,10 +267,11 @@ def _semaphore_files(event: Any) -> set[str]:
 
 
 @pytest.mark.timeout(180)
-def test_killed_worker_raises_and_leaks_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_killed_worker_raises_and_leaks_nothing(tmp_path: Path, start_method: StartMethod) -> None:
     gc.collect()
     shm_before, memfds_before = _shared_memory_in_use()
-    trainer = FaultyProcessTrainer(2, tmp_path)
+    trainer = FaultyProcessTrainer(2, tmp_path, start_method)
     semaphores = _semaphore_files(trainer.stop_event)
     trainer.local_process(PAYLOAD, [0, 1, 2])  # warm pool
     trainer.uplink_package()
@@ -288,6 +294,71 @@ def test_killed_worker_raises_and_leaks_nothing(tmp_path: Path) -> None:
     assert memfds_after == memfds_before
     assert not {n for n in shm_after - shm_before if "emberfl" in n}
     assert not semaphores & shm_after
+
+
+def test_auto_start_method_forks_only_where_a_forked_worker_is_safe() -> None:
+    # Linux, CUDA not initialised in this process (the tests never initialise it).
+    assert resolve_start_method("auto", 1) == "fork"
+    # libgomp hangs in a forked child that runs more than one OpenMP thread.
+    assert resolve_start_method("auto", 2) == "spawn"
+    assert resolve_start_method("auto", None) == "spawn"
+    assert resolve_start_method("spawn", 1) == "spawn"
+    assert resolve_start_method("forkserver", 4) == "forkserver"
+    with pytest.raises(ConfigError, match="start_method='thread' is not one of auto, fork"):
+        resolve_start_method("thread", 1)
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [{tests!r}]
+from test_faults import FaultyProcessTrainer, PAYLOAD
+trainer = FaultyProcessTrainer(3, Path({markers!r}), {start_method!r})
+trainer.local_process(PAYLOAD, [0, 1, 2])
+print(" ".join(map(str, trainer.worker_pids())), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: str) -> None:
+    # A forked worker inherits the parent ends of the pipes of the workers forked before
+    # it (and of its own pipe); it closes them, so every worker sees EOF when the parent
+    # dies instead of waiting on its pipe for ever.
+    import subprocess
+    import sys
+
+    script = _ORPHAN_SCRIPT.format(
+        tests=str(Path(__file__).parent), markers=str(tmp_path), start_method=start_method
+    )
+    pids: list[int] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 3 and all(_alive(p) for p in pids)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            deadline = time.monotonic() + 20.0
+            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any(_alive(p) for p in pids), "orphaned workers are still running"
+        finally:
+            proc.kill()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_thread_worker_error_reaches_the_caller(tmp_path: Path) -> None:

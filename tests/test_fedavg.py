@@ -159,6 +159,7 @@ def make_trainer(
     out_of_order: bool = False,
     epochs: int = 2,
     fast_layers: bool = True,
+    start_method: str = "auto",
 ) -> Any:
     common: dict[str, Any] = {
         "fast_layers": fast_layers,
@@ -179,7 +180,7 @@ def make_trainer(
         return cls(**common, num_parallels=parallel)
     if mode == "process":
         pcls = OutOfOrderProcessTrainer if out_of_order else FedAvgProcessPoolClientTrainer
-        return pcls(**common, state_dir=None, num_parallels=parallel)
+        return pcls(**common, state_dir=None, num_parallels=parallel, start_method=start_method)
     raise ValueError(mode)
 
 

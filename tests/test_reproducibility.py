@@ -115,6 +115,8 @@ CONFIGS = [
     ("process", 1, False),
     ("process", 2, True),
     ("process", 4, True),
+    ("process-spawn", 2, True),
+    ("process-forkserver", 2, False),
 ]
 
 
@@ -133,10 +135,16 @@ def test_fedavg_is_bitwise_identical_across_modes_and_parallelism(
     dataset = TinyDataset()
     state = _global_state()
     threads = torch.get_num_threads()
-    trainer = make_trainer(mode, parallel, dataset, out_of_order=out_of_order)
+    mode, _, start_method = mode.partition("-")
+    trainer = make_trainer(
+        mode, parallel, dataset, out_of_order=out_of_order, start_method=start_method or "auto"
+    )
     try:
         model, uplinks = run_fedavg(trainer, dataset)
         assert torch.equal(model, reference), f"{mode} P={parallel} differs from serial"
+        if mode == "process":
+            expected = start_method or "fork"  # auto forks here: Linux, CPU, one thread
+            assert trainer._emberfl_process_pool.start_method == expected
         if out_of_order:
             # The clients really did finish in reverse order, results came back in order.
             for packages in uplinks:

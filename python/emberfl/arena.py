@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,6 +102,11 @@ def _state_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[s
     return source
 
 
+def _unlink_in(creator_pid: int, core: _core.Arena) -> None:
+    if os.getpid() == creator_pid:
+        core.unlink()
+
+
 class ParamArena:
     """A ``num_slots`` x ``dim`` float32 arena of model parameters in shared memory.
 
@@ -136,9 +142,12 @@ class ParamArena:
         self._owner = owner
         self._by_name = {e.name: e for e in layout}
         # A named arena is unlinked when its creator closes it, is garbage-collected, or the
-        # interpreter exits normally (weakref.finalize runs at exit too).
+        # interpreter exits normally (weakref.finalize runs at exit too); not by a forked
+        # child collecting its inherited copy.
         self._finalizer = (
-            weakref.finalize(self, core.unlink) if owner and core.handle()[0] == "shm" else None
+            weakref.finalize(self, _unlink_in, os.getpid(), core)
+            if owner and core.handle()[0] == "shm"
+            else None
         )
         flat = torch.frombuffer(core, dtype=torch.float32)
         self._tensor: torch.Tensor = flat.view(core.num_slots, core.dim)

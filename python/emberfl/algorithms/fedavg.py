@@ -39,6 +39,7 @@ from emberfl.core import (
     PartitionedDataset,
     ProcessPoolClientTrainer,
     SHMHandle,
+    StartMethod,
     ThreadPoolClientTrainer,
     deserialize_model,
     intra_op_threads,
@@ -670,6 +671,7 @@ class FedAvgProcessPoolClientTrainer(
         intra_op_threads: int | None = 1,
         start_workers: bool = True,
         fast_layers: bool = True,
+        start_method: StartMethod = "auto",
     ) -> None:
         """Create the trainer and start its worker processes in the background.
 
@@ -686,12 +688,15 @@ class FedAvgProcessPoolClientTrainer(
             seed: The experiment seed.
             num_parallels: Number of worker processes.
             intra_op_threads: PyTorch's intra-op thread count in each worker.
-            start_workers: Spawn the workers now (see :meth:`start`) rather than on the
+            start_workers: Start the workers now (see :meth:`start`) rather than on the
                 first round.
             fast_layers: Train with emberfl's CPU kernels where they compute exactly what
                 PyTorch's do, bit for bit (:func:`emberfl.nn.use_fast_layers`).
+            start_method: How the workers start (``"auto"``: forked where safe, else
+                spawned; see :class:`~emberfl.core.ProcessPoolClientTrainer`).
         """
         self.num_parallels = num_parallels
+        self.start_method = start_method
         self.device = device
         self.device_count = torch.cuda.device_count()
         self.cache: list[FedAvgUplinkPackage] = []

@@ -13,6 +13,7 @@ from emberfl.core.client_trainer import (
     BaseClientTrainer,
     ClientJob,
     ProcessPoolClientTrainer,
+    StartMethod,
     ThreadPoolClientTrainer,
 )
 from emberfl.core.intra_op import intra_op_threads
@@ -35,6 +36,7 @@ __all__ = [
     "PartitionedDataset",
     "ProcessPoolClientTrainer",
     "SHMHandle",
+    "StartMethod",
     "ThreadPoolClientTrainer",
     "deserialize_model",
     "intra_op_threads",

@@ -2,9 +2,14 @@
 
 Design:
 
-* ``P`` spawn-context worker processes are started once and reused for every round until
+* ``P`` worker processes are started once and reused for every round until
   :meth:`ProcessPool.close` (called by the trainer's ``shutdown()``, its context manager,
   or garbage collection).
+* How they start (:data:`StartMethod`): ``"auto"`` forks them from the parent when that is
+  safe (Linux, CUDA not initialised in the parent, one intra-op thread per worker) and
+  spawns them otherwise. A forked worker starts in milliseconds, a spawned one imports
+  PyTorch (seconds). A forked worker closes its copies of every pool's pipe ends at once,
+  so a parent that dies still ends every worker's ``recv`` with EOF.
 * Each worker talks to the parent over its own pipe; the parent waits on the pipes and
   the processes' sentinels at once, so a worker that dies is noticed at once.
 * Tensors never go through the pipes. The downlink payload's tensors are written once
@@ -30,6 +35,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from multiprocessing.connection import Connection, wait
 from pathlib import PurePath
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import torch
 
@@ -46,14 +52,62 @@ from emberfl.core._tree import map_tensors
 from emberfl.core.shared_memory import reconstruct_from_shared_memory
 from emberfl.errors import ClientError, EmberflError, TensorMismatchError, WorkerDiedError
 
-__all__ = ["ClientJob", "ProcessPool"]
+__all__ = ["ClientJob", "ProcessPool", "StartMethod", "resolve_start_method"]
 
 B = TypeVar("B")
 
-_CTX = multiprocessing.get_context("spawn")
+StartMethod = Literal["auto", "fork", "spawn", "forkserver"]
+"""How worker processes start: ``"fork"`` (a copy of the parent, milliseconds),
+``"spawn"`` (a fresh interpreter that imports PyTorch, seconds), ``"forkserver"`` (forked
+from a server process that has imported PyTorch once) or ``"auto"`` (see
+:func:`resolve_start_method`)."""
+
+_PIPE_CTX = multiprocessing.get_context("spawn")
 _PICKLE_PROTOCOL = 5
 _POLL_S = 0.5
 _SIMPLE_TYPES = (str, bytes, int, float, complex, bool, type(None), Enum, PurePath)
+
+
+# Parent ends of the pipes of every live pool in this process, by id. A forked worker closes
+# its copies at once: otherwise a worker would keep the other workers' pipes open and none
+# of them would see EOF if the parent died.
+_PARENT_CONNS: dict[int, Connection] = {}
+
+
+def resolve_start_method(start_method: str, intra_op_threads: int | None) -> str:
+    """Return the start method a pool uses for ``start_method``.
+
+    ``"auto"`` is ``"fork"`` on Linux when CUDA is not initialised in this process and the
+    workers run one intra-op thread, and ``"spawn"`` otherwise: a child forked after CUDA
+    was initialised cannot use CUDA, and PyTorch's OpenMP runtime (GNU libgomp) hangs in a
+    forked child that runs more than one thread once the parent has used its thread pool.
+
+    Args:
+        start_method: A :data:`StartMethod`.
+        intra_op_threads: The workers' ``torch.set_num_threads`` value.
+
+    Returns:
+        ``"fork"``, ``"spawn"`` or ``"forkserver"``.
+
+    Raises:
+        ConfigError: For an unknown start method, or one this platform lacks.
+    """
+    from emberfl.errors import ConfigError
+
+    if start_method not in get_args(StartMethod):
+        raise ConfigError(
+            f"start_method={start_method!r} is not one of {', '.join(get_args(StartMethod))}"
+        )
+    if start_method == "auto":
+        fork_ok = (
+            sys.platform.startswith("linux")
+            and intra_op_threads == 1
+            and not torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        )
+        return "fork" if fork_ok else "spawn"
+    if start_method not in multiprocessing.get_all_start_methods():
+        raise ConfigError(f"start_method={start_method!r} is not available on {sys.platform}")
+    return start_method
 
 
 def _new_arena(num_floats: int, num_slots: int) -> Any:
@@ -126,6 +180,11 @@ def _worker_main(
 ) -> None:
     """Entry point of a worker process: serve messages until told to exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A forked worker inherits the parent's Python handlers: terminate() must end it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for inherited in _PARENT_CONNS.values():  # non-empty in a forked worker only
+        inherited.close()
+    _PARENT_CONNS.clear()
     if intra_op_threads is not None:
         torch.set_num_threads(intra_op_threads)
     state = _WorkerState(index=index, stop_event=stop_event)
@@ -296,6 +355,7 @@ class _Resources:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            _PARENT_CONNS.pop(id(worker.conn), None)
             worker.conn.close()
             worker.process.close()
         self.workers.clear()
@@ -342,7 +402,7 @@ class ClientJob(Generic[B]):
 
 
 class ProcessPool:
-    """A persistent pool of spawn-context worker processes (private to emberfl.core)."""
+    """A persistent pool of worker processes (private to emberfl.core)."""
 
     def __init__(
         self,
@@ -351,6 +411,7 @@ class ProcessPool:
         *,
         intra_op_threads: int | None,
         drain_timeout_s: float,
+        start_method: StartMethod = "spawn",
     ) -> None:
         """Start ``num_workers`` worker processes.
 
@@ -360,7 +421,13 @@ class ProcessPool:
             intra_op_threads: ``torch.set_num_threads`` value in each worker.
             drain_timeout_s: How long to wait for running clients to stop after an error
                 or Ctrl-C before killing the workers.
+            start_method: How the workers start (:func:`resolve_start_method`).
         """
+        self.requested_start_method = start_method
+        self.start_method = resolve_start_method(start_method, intra_op_threads)
+        ctx: Any = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(["torch", __name__])
         self.num_workers = num_workers
         self.stop_event = stop_event
         self.intra_op_threads = intra_op_threads
@@ -384,15 +451,28 @@ class ProcessPool:
         self._failure: BaseException | None = None
         try:
             for index in range(num_workers):
-                parent_conn, child_conn = _CTX.Pipe(duplex=True)
-                process = _CTX.Process(
+                parent_conn, child_conn = _PIPE_CTX.Pipe(duplex=True)
+                process = ctx.Process(
                     target=_worker_main,
                     args=(index, child_conn, stop_event, intra_op_threads),
                     name=f"emberfl-worker-{index}",
                     daemon=True,
                 )
+                # Registered before the fork: the worker closes its copy of its own
+                # parent end too.
+                _PARENT_CONNS[id(parent_conn)] = parent_conn
                 try:
-                    process.start()
+                    with warnings.catch_warnings():
+                        # Python >= 3.12 warns about fork() in a process with threads;
+                        # resolve_start_method only forks where the worker is safe.
+                        warnings.filterwarnings(
+                            "ignore", "This process .* is multi-threaded", DeprecationWarning
+                        )
+                        process.start()
+                except BaseException:
+                    _PARENT_CONNS.pop(id(parent_conn), None)
+                    parent_conn.close()
+                    raise
                 finally:
                     child_conn.close()
                 self._res.workers.append(_Worker(index, process, parent_conn))

@@ -75,6 +75,9 @@ struct Mapping {
     file: File,
     /// Path to unlink on drop (named backing, creating side only).
     unlink_on_drop: RwLock<Option<PathBuf>>,
+    /// The process that mapped it: a forked child drops its inherited copy without
+    /// unlinking the parent's file.
+    mapped_by: u32,
 }
 
 // SAFETY: the mapping is plain shared memory; it is not tied to a thread. All accesses to
@@ -115,6 +118,7 @@ impl Mapping {
             len,
             file,
             unlink_on_drop: RwLock::new(None),
+            mapped_by: std::process::id(),
         })
     }
 
@@ -153,7 +157,9 @@ impl Drop for Mapping {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(path) = path {
-            let _ = std::fs::remove_file(path);
+            if std::process::id() == self.mapped_by {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
