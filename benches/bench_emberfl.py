@@ -20,7 +20,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from emberfl.algorithms.fedavg_vectorized import (
     FedAvgVectorizedClientTrainer,
     FedAvgVectorizedServerHandler,
 )
+from emberfl.core import StartMethod
+from emberfl.core._process_pool import resolve_start_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -112,6 +114,7 @@ def _make_trainer(
     threads: int,
     state_dir: Path,
     chunk_size: int | None = None,
+    start_method: StartMethod = "auto",
 ) -> Trainer | FedAvgVectorizedClientTrainer:
     common: dict[str, Any] = {
         "model_selector": selector,
@@ -133,7 +136,11 @@ def _make_trainer(
         # Conservative: the workers start inside round 1 (as in BlazeFL and Flower), not in
         # the background during set-up as FedAvgProcessPoolClientTrainer does by default.
         return TimedProcessPoolTrainer(
-            state_dir=state_dir, num_parallels=parallelism, start_workers=False, **common
+            state_dir=state_dir,
+            num_parallels=parallelism,
+            start_workers=False,
+            start_method=start_method,
+            **common,
         )
     if mode == "vectorized":  # P chunks at once, in threads
         return FedAvgVectorizedClientTrainer(
@@ -151,6 +158,7 @@ def run_emberfl(
     threads: int = 1,
     chunk_size: int | None = None,
     evaluation_threads: int | None = None,
+    start_method: StartMethod = "auto",
 ) -> dict[str, Any]:
     """Run emberfl's FedAvg on the workload and return the JSON record.
 
@@ -168,6 +176,8 @@ def run_emberfl(
             trainer's default).
         evaluation_threads: The server's ``evaluation_threads`` (``None``: the
             parallelism; the evaluation's result does not depend on it).
+        start_method: How ``process`` mode starts its workers (``"auto"``: emberfl's
+            default, forked where safe).
 
     Returns:
         The record (see :func:`fl_workload.result_record`), with a per-round
@@ -195,7 +205,15 @@ def run_emberfl(
     handler.evaluation_threads = eval_threads
     with tempfile.TemporaryDirectory(prefix="emberfl-bench-") as state:
         trainer = _make_trainer(
-            mode, config, dataset, selector, parallelism, threads, Path(state), chunk_size
+            mode,
+            config,
+            dataset,
+            selector,
+            parallelism,
+            threads,
+            Path(state),
+            chunk_size,
+            start_method,
         )
         try:
             rounds, breakdown, summary = run_rounds(handler, trainer, parallelism)  # type: ignore[arg-type]
@@ -219,6 +237,8 @@ def run_emberfl(
     )
     if mode == "vectorized":
         record["chunk_size"] = chunk_size
+    if mode == "process":
+        record["start_method"] = resolve_start_method(start_method, threads)
     record["evaluation_threads"] = eval_threads
     return record
 
@@ -248,6 +268,12 @@ def main() -> None:
         type=int,
         help="test batches the server evaluates at once (default: --parallelism)",
     )
+    parser.add_argument(
+        "--start-method",
+        choices=get_args(StartMethod),
+        default="auto",
+        help="process mode: how the workers start (default: emberfl's auto)",
+    )
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -269,6 +295,7 @@ def main() -> None:
         threads=args.threads,
         chunk_size=args.chunk_size,
         evaluation_threads=args.evaluation_threads,
+        start_method=args.start_method,
     )
     text = json.dumps(record, indent=2)
     if args.out:

@@ -163,8 +163,9 @@ def command(
     out: Path,
     *,
     emberfl_eval_threads: int | None = None,
+    emberfl_start_method: str | None = None,
 ) -> list[str]:
-    """Return the command line of one run (``emberfl_eval_threads``: see ``--help``)."""
+    """Return the command line of one run (``emberfl_*``: see ``--help``)."""
     common = [
         "--data-dir",
         str(data_dir),
@@ -182,7 +183,9 @@ def command(
     if run.framework == "emberfl":
         extra = []
         if emberfl_eval_threads is not None:
-            extra = ["--evaluation-threads", str(emberfl_eval_threads)]
+            extra += ["--evaluation-threads", str(emberfl_eval_threads)]
+        if emberfl_start_method is not None:
+            extra += ["--start-method", emberfl_start_method]
         return [sys.executable, str(BENCHES / "bench_emberfl.py"), *common, *extra]
     script = BENCHES / "peers" / f"{run.framework}_runner.py"
     return [str(peer_python(run.framework)), str(script), *common]
@@ -197,6 +200,7 @@ def execute(
     timeout: int,
     *,
     emberfl_eval_threads: int | None = None,
+    emberfl_start_method: str | None = None,
 ) -> dict[str, Any]:
     """Start one run; return its record, or ``{"error": ...}`` with the log's tail."""
     out = runs_dir / f"{run.name}.json"
@@ -212,7 +216,13 @@ def execute(
         with log.open("w") as handle:
             proc = subprocess.run(
                 command(
-                    run, config, data_dir, threads, out, emberfl_eval_threads=emberfl_eval_threads
+                    run,
+                    config,
+                    data_dir,
+                    threads,
+                    out,
+                    emberfl_eval_threads=emberfl_eval_threads,
+                    emberfl_start_method=emberfl_start_method,
                 ),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -391,6 +401,12 @@ def main() -> None:
         help="threads emberfl's server evaluates the global model with (default: P, the "
         "run's parallelism; the peers evaluate with one)",
     )
+    parser.add_argument(
+        "--emberfl-start-method",
+        choices=("auto", "fork", "spawn", "forkserver"),
+        help="how emberfl's process mode starts its workers (default: emberfl's auto, "
+        "which forks here)",
+    )
     args = parser.parse_args()
     frameworks = _csv(args.frameworks)
     modes = _csv(args.modes)
@@ -422,6 +438,7 @@ def main() -> None:
             runs_dir,
             args.timeout,
             emberfl_eval_threads=args.emberfl_evaluation_threads,
+            emberfl_start_method=args.emberfl_start_method,
         )
         key = _key(run.framework, run.mode, run.parallelism)
         status = f"{result['total_seconds']:.2f}s" if "error" not in result else result["error"]
