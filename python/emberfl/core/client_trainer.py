@@ -227,7 +227,8 @@ class ProcessPoolClientTrainer(
             when that is safe (CUDA not initialised here, ``intra_op_threads == 1``) and
             spawns them otherwise; ``"fork"``, ``"spawn"`` or ``"forkserver"`` force one.
             A forked worker starts in milliseconds; a spawned one imports PyTorch first
-            (seconds). The results are the same bits either way.
+            (seconds). The results are the same bits either way. A ``worker`` that raises
+            its own thread count (``torch.set_num_threads``) needs ``"spawn"``.
     """
 
     num_parallels: int
