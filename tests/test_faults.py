@@ -302,6 +302,10 @@ def test_auto_start_method_forks_only_where_a_forked_worker_is_safe() -> None:
     # libgomp hangs in a forked child that runs more than one OpenMP thread.
     assert resolve_start_method("auto", 2) == "spawn"
     assert resolve_start_method("auto", None) == "spawn"
+    # GPU clients: spawned (a fork after the parent touched CUDA could not use it).
+    assert resolve_start_method("auto", 1, "cuda") == "spawn"
+    assert resolve_start_method("auto", 1, "cuda:1") == "spawn"
+    assert resolve_start_method("auto", 1, "cpu") == "fork"
     assert resolve_start_method("spawn", 1) == "spawn"
     assert resolve_start_method("forkserver", 4) == "forkserver"
     with pytest.raises(ConfigError, match="start_method='thread' is not one of auto, fork"):

@@ -6,8 +6,8 @@ Design:
   :meth:`ProcessPool.close` (called by the trainer's ``shutdown()``, its context manager,
   or garbage collection).
 * How they start (:data:`StartMethod`): ``"auto"`` forks them from the parent when that is
-  safe (Linux, CUDA not initialised in the parent, one intra-op thread per worker) and
-  spawns them otherwise. A forked worker starts in milliseconds, a spawned one imports
+  safe (Linux, CPU clients, CUDA not initialised in the parent, one intra-op thread per
+  worker) and spawns them otherwise. A forked worker starts in milliseconds, a spawned one imports
   PyTorch (seconds). A forked worker closes its copies of every pool's pipe ends at once,
   so a parent that dies still ends every worker's ``recv`` with EOF.
 * Each worker talks to the parent over its own pipe; the parent waits on the pipes and
@@ -74,17 +74,22 @@ _SIMPLE_TYPES = (str, bytes, int, float, complex, bool, type(None), Enum, PurePa
 _PARENT_CONNS: dict[int, Connection] = {}
 
 
-def resolve_start_method(start_method: str, intra_op_threads: int | None) -> str:
+def resolve_start_method(
+    start_method: str, intra_op_threads: int | None, device: str = "cpu"
+) -> str:
     """Return the start method a pool uses for ``start_method``.
 
-    ``"auto"`` is ``"fork"`` on Linux when CUDA is not initialised in this process and the
-    workers run one intra-op thread, and ``"spawn"`` otherwise: a child forked after CUDA
-    was initialised cannot use CUDA, and PyTorch's OpenMP runtime (GNU libgomp) hangs in a
-    forked child that runs more than one thread once the parent has used its thread pool.
+    ``"auto"`` is ``"fork"`` on Linux when the clients train on the CPU, CUDA is not
+    initialised in this process and the workers run one intra-op thread, and ``"spawn"``
+    otherwise: a child forked after CUDA was initialised cannot use CUDA (and on a GPU the
+    seconds a spawned worker takes to start matter little), and PyTorch's OpenMP runtime
+    (GNU libgomp) hangs in a forked child that runs more than one thread once the parent
+    has used its thread pool.
 
     Args:
         start_method: A :data:`StartMethod`.
         intra_op_threads: The workers' ``torch.set_num_threads`` value.
+        device: Where the clients train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
 
     Returns:
         ``"fork"``, ``"spawn"`` or ``"forkserver"``.
@@ -101,6 +106,7 @@ def resolve_start_method(start_method: str, intra_op_threads: int | None) -> str
     if start_method == "auto":
         fork_ok = (
             sys.platform.startswith("linux")
+            and str(device).split(":")[0] == "cpu"
             and intra_op_threads == 1
             and not torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
         )
@@ -412,6 +418,7 @@ class ProcessPool:
         intra_op_threads: int | None,
         drain_timeout_s: float,
         start_method: StartMethod = "spawn",
+        device: str = "cpu",
     ) -> None:
         """Start ``num_workers`` worker processes.
 
@@ -422,9 +429,10 @@ class ProcessPool:
             drain_timeout_s: How long to wait for running clients to stop after an error
                 or Ctrl-C before killing the workers.
             start_method: How the workers start (:func:`resolve_start_method`).
+            device: Where the clients train (for ``start_method="auto"``).
         """
         self.requested_start_method = start_method
-        self.start_method = resolve_start_method(start_method, intra_op_threads)
+        self.start_method = resolve_start_method(start_method, intra_op_threads, device)
         ctx: Any = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(["torch", __name__])

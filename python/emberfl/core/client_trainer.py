@@ -224,11 +224,12 @@ class ProcessPoolClientTrainer(
         drain_timeout_s: After an error or Ctrl-C, how long running clients get to stop
             before the workers are killed (the pool then restarts on the next call).
         start_method: How the workers start: ``"auto"`` (default) forks them on Linux
-            when that is safe (CUDA not initialised here, ``intra_op_threads == 1``) and
-            spawns them otherwise; ``"fork"``, ``"spawn"`` or ``"forkserver"`` force one.
-            A forked worker starts in milliseconds; a spawned one imports PyTorch first
-            (seconds). The results are the same bits either way. A ``worker`` that raises
-            its own thread count (``torch.set_num_threads``) needs ``"spawn"``.
+            when that is safe (``device`` is the CPU, CUDA not initialised here,
+            ``intra_op_threads == 1``) and spawns them otherwise; ``"fork"``,
+            ``"spawn"`` or ``"forkserver"`` force one. A forked worker starts in
+            milliseconds; a spawned one imports PyTorch first (seconds). The results
+            are the same bits either way. A ``worker`` that raises its own thread count
+            (``torch.set_num_threads``) needs ``"spawn"``.
     """
 
     num_parallels: int
@@ -401,6 +402,7 @@ class ProcessPoolClientTrainer(
             intra_op_threads=self.intra_op_threads,
             drain_timeout_s=self.drain_timeout_s,
             start_method=self.start_method,
+            device=str(self.device),
         )
         self.__dict__["_emberfl_process_pool"] = pool
         return pool
