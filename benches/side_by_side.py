@@ -30,12 +30,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 BENCHES = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHES))
 
 from fl_workload import PRESETS, WorkloadConfig  # noqa: E402
+
+from emberfl.core import StartMethod  # noqa: E402
 
 FRAMEWORKS = ("emberfl", "blazefl", "flower")
 MODES = ("serial", "thread", "process", "vectorized")  # vectorized: emberfl only; P = chunks
@@ -403,7 +405,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--emberfl-start-method",
-        choices=("auto", "fork", "spawn", "forkserver"),
+        choices=get_args(StartMethod),
         help="how emberfl's process mode starts its workers (default: emberfl's auto, "
         "which forks here)",
     )

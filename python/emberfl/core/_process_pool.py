@@ -7,9 +7,9 @@ Design:
   or garbage collection).
 * How they start (:data:`StartMethod`): ``"auto"`` forks them from the parent when that is
   safe (Linux, CPU clients, CUDA not initialised in the parent, one intra-op thread per
-  worker) and spawns them otherwise. A forked worker starts in milliseconds, a spawned one imports
-  PyTorch (seconds). A forked worker closes its copies of every pool's pipe ends at once,
-  so a parent that dies still ends every worker's ``recv`` with EOF.
+  worker) and spawns them otherwise. A forked worker starts in milliseconds, a spawned one
+  imports PyTorch (seconds). A forked worker closes its copies of every pool's pipe ends at
+  once, so a parent that dies still ends every worker's ``recv`` with EOF.
 * Each worker talks to the parent over its own pipe; the parent waits on the pipes and
   the processes' sentinels at once, so a worker that dies is noticed at once.
 * Tensors never go through the pipes. The downlink payload's tensors are written once
@@ -50,7 +50,13 @@ import torch
 from emberfl.core._transport import PackedLayout, adopt_tensors, pack, unpack, write_tensors
 from emberfl.core._tree import map_tensors
 from emberfl.core.shared_memory import reconstruct_from_shared_memory
-from emberfl.errors import ClientError, EmberflError, TensorMismatchError, WorkerDiedError
+from emberfl.errors import (
+    ClientError,
+    ConfigError,
+    EmberflError,
+    TensorMismatchError,
+    WorkerDiedError,
+)
 
 __all__ = ["ClientJob", "ProcessPool", "StartMethod", "resolve_start_method"]
 
@@ -62,7 +68,6 @@ StartMethod = Literal["auto", "fork", "spawn", "forkserver"]
 from a server process that has imported PyTorch once) or ``"auto"`` (see
 :func:`resolve_start_method`)."""
 
-_PIPE_CTX = multiprocessing.get_context("spawn")
 _PICKLE_PROTOCOL = 5
 _POLL_S = 0.5
 _SIMPLE_TYPES = (str, bytes, int, float, complex, bool, type(None), Enum, PurePath)
@@ -97,8 +102,6 @@ def resolve_start_method(
     Raises:
         ConfigError: For an unknown start method, or one this platform lacks.
     """
-    from emberfl.errors import ConfigError
-
     if start_method not in get_args(StartMethod):
         raise ConfigError(
             f"start_method={start_method!r} is not one of {', '.join(get_args(StartMethod))}"
@@ -106,7 +109,7 @@ def resolve_start_method(
     if start_method == "auto":
         fork_ok = (
             sys.platform.startswith("linux")
-            and str(device).split(":")[0] == "cpu"
+            and torch.device(device).type == "cpu"
             and intra_op_threads == 1
             and not torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
         )
@@ -459,7 +462,7 @@ class ProcessPool:
         self._failure: BaseException | None = None
         try:
             for index in range(num_workers):
-                parent_conn, child_conn = _PIPE_CTX.Pipe(duplex=True)
+                parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
                 process = ctx.Process(
                     target=_worker_main,
                     args=(index, child_conn, stop_event, intra_op_threads),
