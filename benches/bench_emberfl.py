@@ -24,13 +24,13 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
-
-import emberfl
-from emberfl.algorithms.fedavg import FedAvgBaseServerHandler
 from emberfl.algorithms.fedavg_vectorized import (
     FedAvgVectorizedClientTrainer,
     FedAvgVectorizedServerHandler,
 )
+
+import emberfl
+from emberfl.algorithms.fedavg import FedAvgBaseServerHandler
 from emberfl.core import StartMethod
 from emberfl.core._process_pool import resolve_start_method
 

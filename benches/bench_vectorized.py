@@ -32,6 +32,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_emberfl import RESULTS_DIR, prepare_data
+from emberfl.algorithms.fedavg_vectorized import (
+    FedAvgVectorizedClientTrainer,
+    FedAvgVectorizedServerHandler,
+)
 from emberfl_timing import TimedSerialTrainer, run_rounds
 from fl_workload import (
     PRESETS,
@@ -42,10 +46,6 @@ from fl_workload import (
     warm_up_torch,
 )
 
-from emberfl.algorithms.fedavg_vectorized import (
-    FedAvgVectorizedClientTrainer,
-    FedAvgVectorizedServerHandler,
-)
 from emberfl.core import serialize_model
 
 

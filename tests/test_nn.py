@@ -15,10 +15,10 @@ from torch.func import grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from emberfl import _core
-from emberfl.algorithms.fedavg_vectorized import default_chunk_size
 from emberfl.core.batches import iter_batches, tensor_dataset
 from emberfl.core.heap import retain_freed_memory
 from emberfl.errors import InvalidArgumentError, TensorMismatchError
+from emberfl.executors.vectorized import default_chunk_size
 from emberfl.models import Models
 from emberfl.nn import MaxPool2d, pool_before_relu, use_fast_layers
 

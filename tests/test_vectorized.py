@@ -16,10 +16,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emberfl.algorithms.fedavg_vectorized import (
-    FedAvgVectorizedServerHandler,
-    FedAvgVectorizedUplinkPackage,
-)
 from emberfl.contrib import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
@@ -27,6 +23,7 @@ from emberfl.contrib import (
     FedAvgPartitionType,
     FedAvgUplinkPackage,
     FedAvgVectorizedClientTrainer,
+    FedAvgVectorizedServerHandler,
 )
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.core.vectorized import StackedSGD, check_homogeneous, stack_batches
@@ -230,18 +227,12 @@ def test_zero_copy_server_matches_copying_server() -> None:
     assert torch.equal(copied, in_place)
 
 
-def test_uplinks_are_views_of_one_arena_and_outlive_the_next_round() -> None:
+def test_uplinks_outlive_the_next_round() -> None:
     trainer = _vectorized("mlp", chunk_size=2)
     payload = FedAvgDownlinkPackage(serialize_model(Selector().select_model("mlp")))
     trainer.local_process(payload, [0, 1, 2])
     first = trainer.uplink_package()
     kept = [p.model_parameters.clone() for p in first]
-    assert all(isinstance(p, FedAvgVectorizedUplinkPackage) for p in first)
-    arenas = {id(p.arena) for p in first if isinstance(p, FedAvgVectorizedUplinkPackage)}
-    assert len(arenas) == 1
-    slot0 = first[0]
-    assert isinstance(slot0, FedAvgVectorizedUplinkPackage) and slot0.arena is not None
-    assert slot0.model_parameters.data_ptr() == slot0.arena.slot(0).data_ptr()
     trainer.local_process(payload, [3, 4, 0])
     trainer.uplink_package()
     for p, k in zip(first, kept, strict=True):

@@ -29,6 +29,7 @@ class Purpose(enum.IntEnum):
     MODEL_INIT = 4
     SYNTHETIC_DATA = 5
     EVALUATION = 6
+    SUBSAMPLE = 7
 
 
 _U64 = (1 << 64) - 1

@@ -1,35 +1,50 @@
-"""Federated-learning algorithms built on :mod:`emberfl.core`.
+"""Federated algorithms, each defined once and run by any executor (:mod:`emberfl.executors`).
 
-Each algorithm is a server handler, client trainers for the three execution modes and
-the package dataclasses; :mod:`emberfl.contrib` re-exports them under BlazeFL's names.
+* :mod:`~emberfl.algorithms.base` — the contract: :class:`Algorithm`, :class:`Client`,
+  :class:`ClientResult`, :class:`ServerState`, :class:`Aggregate`.
+* :mod:`~emberfl.algorithms.local_sgd` — :class:`LocalSGD`, the easy path for
+  gradient-based algorithms (hooks for a loss term, a gradient change, what is sent up).
+* One module per algorithm (:mod:`~emberfl.algorithms.fedavg`, ...); :data:`ALGORITHMS`
+  is the table ``emberfl run --algorithm`` picks from.
+
+BlazeFL-style FedAvg classes (server handler, serial / thread / process trainers) are in
+:mod:`emberfl.contrib`, built on this layer.
 """
 
 from __future__ import annotations
 
-from emberfl.algorithms.fedavg import (
-    FedAvgBaseClientTrainer,
-    FedAvgBaseServerHandler,
-    FedAvgClientConfig,
-    FedAvgDownlinkPackage,
-    FedAvgPartitionedDataset,
-    FedAvgPartitionType,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgProcessPoolUplinkPackage,
-    FedAvgThreadPoolClientTrainer,
-    FedAvgUplinkPackage,
+from emberfl.algorithms.base import (
+    Aggregate,
+    Algorithm,
+    Client,
+    ClientResult,
+    ModelLayout,
+    ServerState,
+    Split,
+    StreamSpec,
+    Tree,
 )
-from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
+from emberfl.algorithms.fedavg import FedAvg
+from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
 
 __all__ = [
-    "FedAvgBaseClientTrainer",
-    "FedAvgBaseServerHandler",
-    "FedAvgClientConfig",
-    "FedAvgDownlinkPackage",
-    "FedAvgPartitionType",
-    "FedAvgPartitionedDataset",
-    "FedAvgProcessPoolClientTrainer",
-    "FedAvgProcessPoolUplinkPackage",
-    "FedAvgThreadPoolClientTrainer",
-    "FedAvgUplinkPackage",
-    "FedAvgVectorizedClientTrainer",
+    "ALGORITHMS",
+    "Aggregate",
+    "Algorithm",
+    "Client",
+    "ClientResult",
+    "ClientUpdate",
+    "FedAvg",
+    "LocalResult",
+    "LocalSGD",
+    "ModelLayout",
+    "ServerState",
+    "Split",
+    "StreamSpec",
+    "Terms",
+    "Tree",
 ]
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg,)}
+"""The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``
+is its line in ``--help``)."""

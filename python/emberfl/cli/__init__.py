@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,6 +45,43 @@ class _Parser(argparse.ArgumentParser):
 # (flag, config key, type, choices or None, metavar, help)
 _RunOption = tuple[str, str, Any, tuple[str, ...] | None, str | None, str]
 
+_SUFFIXES = {"k": 1000, "m": 1000_000}
+
+
+def _count(text: str) -> int:
+    """Parse ``4000``, ``4K`` or ``1.5M`` into a positive integer."""
+    raw = text.strip().lower()
+    scale = _SUFFIXES.get(raw[-1:], 1)
+    number = raw[:-1] if scale != 1 else raw
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 4000 or 4K)") from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole count")
+    return int(value)
+
+
+def _widths(text: str) -> list[int]:
+    """Parse ``1700`` or ``200,200`` into a list of positive widths."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of widths (e.g. 200,200)"
+        ) from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every width must be >= 1")
+    return widths
+
+
+def _algorithm_lines() -> str:
+    from emberfl.algorithms import ALGORITHMS
+
+    width = max(len(name) for name in ALGORITHMS)
+    rows = [f"  {name:<{width}}  {cls.summary}" for name, cls in ALGORITHMS.items()]
+    return "algorithms (--algorithm):\n" + "\n".join(rows)
+
 
 def _run_options() -> list[_RunOption]:
     from emberfl.cli.config import ALGORITHMS, MODES
@@ -59,7 +97,14 @@ def _run_options() -> list[_RunOption]:
             "DIR",
             "the run directory to create (default: runs/<dataset>-<algorithm>-<date>-<time>)",
         ),
-        ("--algorithm", "algorithm", str, ALGORITHMS, "NAME", "the federated algorithm"),
+        (
+            "--algorithm",
+            "algorithm",
+            str,
+            ALGORITHMS,
+            "NAME",
+            "the federated algorithm (each is listed below)",
+        ),
         ("--model", "model", str, MODEL_NAMES, "NAME", "the model to train"),
         (
             "--dataset",
@@ -127,6 +172,23 @@ def _run_options() -> list[_RunOption]:
             "smallest client for dirichlet, "
             "iid-dirichlet, iid-lognormal (default: min(10, train size // (2 x clients)))",
         ),
+        (
+            "--train-size",
+            "train_size",
+            _count,
+            None,
+            "N",
+            "use N training samples (e.g. 4000 or 4K), drawn with the seed before partitioning; "
+            "for quick runs (default: all)",
+        ),
+        (
+            "--hidden-sizes",
+            "hidden_sizes",
+            _widths,
+            None,
+            "A,B,...",
+            "hidden layer widths of --model mlp (default: 200,200)",
+        ),
         ("--num-clients", "num_clients", int, None, "N", "clients in the federation"),
         ("--rounds", "rounds", int, None, "N", "communication rounds"),
         (
@@ -193,13 +255,16 @@ def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="run a federated experiment",
-        description=(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_algorithm_lines(),
+        description=textwrap.fill(
             "Run a federated-learning experiment and write its results (config.toml, "
             "metrics.jsonl / .csv, partition.csv / .png, checkpoint/, "
             "final_model.safetensors) to a run directory. With no options: FedAvg on the "
             "offline UCI digits data set over 10 non-IID clients. Options can also come from "
             "a TOML file (--config; keys are the option names, e.g. num_clients = 20); "
-            "command-line options override it."
+            "command-line options override it.",
+            width=88,
         ),
     )
     run.add_argument("--config", metavar="FILE", help="read options from this TOML file")

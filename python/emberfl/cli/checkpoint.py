@@ -3,8 +3,11 @@
 A checkpoint lives in ``RUN_DIR/checkpoint/``:
 
 * ``model-round-NNNNNN.safetensors``: the global model's state dict after round ``NNNNNN``;
-* ``state.json``: the round, the name and SHA-256 of that tensor file, the configuration,
-  the metrics so far, the server's generator states and the elapsed wall time.
+* ``state-round-NNNNNN.safetensors``: the algorithm's other state (server tensors such as
+  momentum or control variates, and the client state store), for algorithms that have any;
+* ``state.json``: the round, the names and SHA-256 of those tensor files, the
+  configuration, the metrics so far, the server's generator states and the elapsed wall
+  time.
 
 Every file is written atomically (a temporary file in the same folder, ``fsync``, then
 ``os.replace`` and an ``fsync`` of the folder). The tensor file is written first under a
@@ -67,6 +70,8 @@ class Checkpoint:
         metrics: One metrics row per completed round.
         rng: Generator states of the server (JSON-ready).
         wall_time_s: Seconds spent running so far.
+        tensors: The algorithm's other state
+            (:meth:`~emberfl.simulation.Simulation.state_tensors` without the model).
     """
 
     round: int
@@ -75,6 +80,7 @@ class Checkpoint:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -195,6 +201,14 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> 
     model_name = f"model-round-{checkpoint.round:06d}.safetensors"
     data = _tensor_bytes(checkpoint.model_state, {"round": str(checkpoint.round)})
     atomic_write_bytes(folder / model_name, data)
+    keep = {model_name}
+    extra: dict[str, str] = {}
+    if checkpoint.tensors:
+        tensors_name = f"state-round-{checkpoint.round:06d}.safetensors"
+        blob = _tensor_bytes(checkpoint.tensors, {"round": str(checkpoint.round)})
+        atomic_write_bytes(folder / tensors_name, blob)
+        keep.add(tensors_name)
+        extra = {"tensors_file": tensors_name, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -205,13 +219,15 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint) -> 
         "config": checkpoint.config,
         "rng": checkpoint.rng,
         "metrics": checkpoint.metrics,
+        **extra,
     }
     state_path = folder / STATE_FILE
     atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
-    for old in folder.glob("model-round-*.safetensors"):
-        if old.name != model_name:
-            with contextlib.suppress(OSError):
-                old.unlink()
+    for pattern in ("model-round-*.safetensors", "state-round-*.safetensors"):
+        for old in folder.glob(pattern):
+            if old.name not in keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
     return state_path
 
 
@@ -258,6 +274,8 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         metrics = [dict(row) for row in state["metrics"]]
         rng = dict(state.get("rng", {}))
         wall_time_s = float(state.get("wall_time_s", 0.0))
+        tensors_file = state.get("tensors_file")
+        tensors_digest = state.get("tensors_sha256")
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(state_path, f"missing or malformed field {exc}") from None
     if round_ < 0 or len(metrics) != round_ or "/" in model_file or "\\" in model_file:
@@ -275,6 +293,9 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         model_state: dict[str, torch.Tensor] = load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise _corrupt(model_path, f"not a valid safetensors file: {exc}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    if tensors_file is not None:
+        tensors = _read_tensor_file(folder, str(tensors_file), str(tensors_digest))
     return Checkpoint(
         round=round_,
         model_state=model_state,
@@ -282,4 +303,24 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         metrics=metrics,
         rng=rng,
         wall_time_s=wall_time_s,
+        tensors=tensors,
     )
+
+
+def _read_tensor_file(folder: Path, name: str, digest: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    path = folder / name
+    if "/" in name or "\\" in name:
+        raise _corrupt(folder / STATE_FILE, "a tensor file name with a folder in it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _corrupt(path, f"cannot read it: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _corrupt(path, "its SHA-256 does not match state.json")
+    try:
+        tensors: dict[str, torch.Tensor] = load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise _corrupt(path, f"not a valid safetensors file: {exc}") from None
+    return tensors

@@ -42,8 +42,15 @@ __all__ = [
     "resolve_device",
 ]
 
-ALGORITHMS: tuple[str, ...] = ("fedavg",)
-"""The algorithms ``emberfl run`` can run."""
+
+def _algorithm_names() -> tuple[str, ...]:
+    from emberfl.algorithms import ALGORITHMS as TABLE
+
+    return tuple(TABLE)
+
+
+ALGORITHMS: tuple[str, ...] = _algorithm_names()
+"""The algorithms ``emberfl run`` can run (:data:`emberfl.algorithms.ALGORITHMS`)."""
 
 MODES: tuple[str, ...] = ("serial", "thread", "process", "vectorized")
 """The execution modes: one client after another, a thread pool, worker processes, or
@@ -93,6 +100,9 @@ class RunConfig:
         classes_per_client: Classes per client (``label-quantity``; default 2).
         min_size: Smallest client size (``dirichlet``, ``iid-dirichlet``,
             ``iid-lognormal``; default ``min(10, train size // (2 * num_clients))``).
+        train_size: Use this many training samples, drawn without replacement from the
+            seed's stream before partitioning (``None``: all of them); for quick runs.
+        hidden_sizes: The MLP's hidden widths (``None``: 200, 200); ``mlp`` only.
         num_clients: Clients in the federation.
         rounds: Communication rounds.
         sample_ratio: Fraction of clients that train in each round, in ``(0, 1]``.
@@ -121,6 +131,8 @@ class RunConfig:
     shards_per_client: int | None = None
     classes_per_client: int | None = None
     min_size: int | None = None
+    train_size: int | None = None
+    hidden_sizes: list[int] | None = None
     num_clients: int = 10
     rounds: int = 20
     sample_ratio: float = 1.0
@@ -186,6 +198,20 @@ class RunConfig:
             _check_at_least("min_size", self.min_size, 0)
         if self.chunk_size is not None:
             _check_at_least("chunk_size", self.chunk_size, 1)
+        if self.train_size is not None:
+            _check_at_least("train_size", self.train_size, 1)
+        if self.hidden_sizes is not None:
+            if not self.hidden_sizes or any(
+                isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden_sizes
+            ):
+                raise ConfigError(
+                    f"hidden_sizes must be one or more positive integers, got {self.hidden_sizes!r}"
+                )
+            if self.model != "mlp":
+                raise ConfigError(
+                    f"hidden_sizes sets the widths of model 'mlp'; model {self.model!r} does not "
+                    "use it"
+                )
 
     def clients_per_round(self) -> int:
         """Return how many clients train in each round."""
@@ -213,6 +239,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "shards_per_client": (int,),
     "classes_per_client": (int,),
     "min_size": (int,),
+    "train_size": (int,),
+    "hidden_sizes": (list,),
     "num_clients": (int,),
     "rounds": (int,),
     "sample_ratio": (float, int),
@@ -227,8 +255,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "checkpoint_every": (int,),
     "quiet": (bool,),
 }
-_OPTIONAL = frozenset({"output_dir", "data_root", "chunk_size", *_ALL_PARTITION_KEYS})
-_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_OPTIONAL = frozenset(
+    {"output_dir", "data_root", "chunk_size", "train_size", "hidden_sizes", *_ALL_PARTITION_KEYS}
+)
+_LIST_KEYS = frozenset({"hidden_sizes"})
+_TYPE_WORDS = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list of integers",
+}
 
 
 def _check_type(key: str, value: object) -> None:
@@ -330,7 +367,7 @@ def check_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{source}: unknown key {raw_key!r}{hint}; valid keys: {', '.join(names)}"
             )
-        if isinstance(value, dict | list):
+        if isinstance(value, dict) or (isinstance(value, list) and key not in _LIST_KEYS):
             kind = "a table" if isinstance(value, dict) else "an array"
             raise ConfigError(f"{source}: key {raw_key!r} must be a single value, not {kind}")
         out[key] = value

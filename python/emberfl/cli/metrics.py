@@ -8,7 +8,9 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
 * ``num_clients``: clients that trained in the round;
 * ``train_loss``, ``train_accuracy``: the global model after the round, on the clients'
   training data (at most :data:`TRAIN_EVAL_SAMPLES` samples, evenly spaced);
-* ``test_loss``, ``test_accuracy``: the global model after the round, on the test split.
+* ``test_loss``, ``test_accuracy``: the global model after the round, on the test split;
+* ``client_loss``: the clients' own mean training loss during the round (weighted by
+  their sample counts; ``null`` if no client took a step).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ METRIC_FIELDS: tuple[str, ...] = (
     "train_accuracy",
     "test_loss",
     "test_accuracy",
+    "client_loss",
 )
 """The keys of a metrics row, in CSV column order."""
 TRAIN_EVAL_SAMPLES = 10_000

@@ -1,17 +1,19 @@
 """The experiment loop behind ``emberfl run``.
 
 :func:`run_experiment` loads the data set, partitions it, writes the run directory's
-``config.toml`` and partition report, then runs FedAvg round by round: it logs each round's
-metrics, checkpoints every ``checkpoint_every`` rounds and after the last one, and saves the
-final global model as ``final_model.safetensors``. With ``resume=True`` it continues a
-killed run from its last checkpoint; the result is bitwise identical to an uninterrupted run.
+``config.toml`` and partition report, then runs the chosen algorithm
+(:data:`emberfl.algorithms.ALGORITHMS`) round by round with a
+:class:`~emberfl.simulation.Simulation` and the executor of the chosen mode: it logs each
+round's metrics, checkpoints every ``checkpoint_every`` rounds and after the last one, and
+saves the final global model as ``final_model.safetensors``. With ``resume=True`` it
+continues a killed run from its last checkpoint; the result is bitwise identical to an
+uninterrupted run.
 
-What carries over between rounds, and is therefore checkpointed: the global model (the
-server handler's ``model``), the round counter (``round`` of the handler and of the
-trainer: it keys the client-sampling and client-training streams) and the handler's
-``rng_suite`` (used only to build its evaluation loader). The trainers rebuild each
-client's model from the downlink package and a fresh SGD optimizer (no momentum) every
-round, so they keep no other state.
+What carries over between rounds, and is therefore checkpointed: the global model, the
+round counter (it keys the client-sampling and client-training streams), the algorithm's
+server tensors and the client state store (:meth:`Simulation.state_tensors`), and a server
+generator suite kept for the checkpoint format. Clients start every round from the
+broadcast and their own stream, so they keep nothing else.
 
 Layout of a run directory::
 
@@ -32,8 +34,7 @@ import datetime
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -42,14 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from emberfl.algorithms.fedavg import (
-    FedAvgBaseClientTrainer,
-    FedAvgBaseServerHandler,
-    FedAvgDownlinkPackage,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgThreadPoolClientTrainer,
-    FedAvgUplinkPackage,
-)
+from emberfl.algorithms import ALGORITHMS, Split
 from emberfl.cli.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
@@ -68,7 +62,7 @@ from emberfl.cli.config import (
     resolve_device,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
-from emberfl.core import intra_op_threads
+from emberfl.core import intra_op_threads, serialize_model
 from emberfl.data import (
     FLDataset,
     Partition,
@@ -81,8 +75,13 @@ from emberfl.data import (
 )
 from emberfl.data.partitioned import TensorPartitionedDataset, TensorSplit
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
+from emberfl.evaluation import evaluate
+from emberfl.executors import ClientSetup, make_executor
 from emberfl.models import Models
-from emberfl.reproducibility import RNGSuite
+from emberfl.nn import use_fast_layers
+from emberfl.reproducibility import RNGSuite, create_rng_suite
+from emberfl.rng import Purpose, stream
+from emberfl.simulation import Simulation
 
 __all__ = [
     "CONFIG_FILE",
@@ -152,49 +151,6 @@ class _Progress:
         return self.bar(  # type: ignore[no-any-return]
             iterable=it, total=len(it), desc=f"round {round_ + 1}", unit="client", leave=False
         )
-
-
-class _SerialTrainer(FedAvgBaseClientTrainer):
-    """The serial FedAvg trainer with a per-client progress bar."""
-
-    progress: _Progress = _Progress(False)
-    _bar: Any = None
-
-    def local_process(self, payload: FedAvgDownlinkPackage, cid_list: list[int]) -> None:
-        with self.progress.bar(
-            total=len(cid_list), desc=f"round {self.round + 1}", unit="client", leave=False
-        ) as bar:
-            self._bar = bar
-            try:
-                super().local_process(payload, cid_list)
-            finally:
-                self._bar = None
-
-    def train(
-        self, model_parameters: torch.Tensor, train_loader: DataLoader[Any], cid: int
-    ) -> FedAvgUplinkPackage:
-        package = super().train(model_parameters, train_loader, cid)
-        if self._bar is not None:
-            self._bar.update(1)
-        return package
-
-
-class _ThreadTrainer(FedAvgThreadPoolClientTrainer):
-    """The thread-pool FedAvg trainer with a per-client progress bar."""
-
-    progress: _Progress = _Progress(False)
-
-    def progress_fn(self, it: list[Any]) -> Iterable[Any]:
-        return self.progress.wrap(it, self.round)
-
-
-class _ProcessTrainer(FedAvgProcessPoolClientTrainer):
-    """The process-pool FedAvg trainer with a per-client progress bar."""
-
-    progress: _Progress = _Progress(False)
-
-    def progress_fn(self, it: list[Any]) -> Iterable[Any]:
-        return self.progress.wrap(it, self.round)
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +229,7 @@ def _load_data(config: RunConfig) -> FLDataset:
             f"{config.dataset} files"
         )
     try:
-        return load_dataset(
+        data = load_dataset(
             config.dataset,
             data_root=config.data_root if on_disk else None,
             seed=config.seed,
@@ -284,6 +240,22 @@ def _load_data(config: RunConfig) -> FLDataset:
         raise ConfigError(
             f"data set {config.dataset!r} needs torchvision: pip install 'emberfl[vision]'"
         ) from None
+    if config.train_size is not None:
+        data = _subsample(data, config.train_size, config.seed)
+    return data
+
+
+def _subsample(data: FLDataset, size: int, seed: int) -> FLDataset:
+    """Keep ``size`` training samples, drawn without replacement from the seed's stream."""
+    if size > data.num_train:
+        raise ConfigError(
+            f"--train-size {size} is larger than {data.name}'s {data.num_train} training samples"
+        )
+    draw = stream(seed, purpose=Purpose.SUBSAMPLE).choice(data.num_train, size)
+    index = torch.from_numpy(np.sort(draw).astype(np.int64))
+    return dataclasses.replace(
+        data, train_x=data.train_x[index].contiguous(), train_y=data.train_y[index].contiguous()
+    )
 
 
 def _train_eval_loader(dataset: FLDataset) -> DataLoader[Any]:
@@ -374,42 +346,30 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], na
 # --------------------------------------------------------------------------------------
 
 
-def _build_trainer(
-    config: RunConfig,
-    models: Models,
-    dataset: TensorPartitionedDataset,
-    device: str,
-    progress: _Progress,
-) -> tuple[Any, AbstractContextManager[Any]]:
-    common: dict[str, Any] = {
-        "model_selector": models,
-        "model_name": config.model,
-        "dataset": dataset,
-        "device": device,
-        "num_clients": config.num_clients,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-    }
-    if config.mode == "serial":
-        serial = _SerialTrainer(**common)
-        serial.progress = progress
-        return serial, nullcontext()
-    if config.mode == "thread":
-        threads = _ThreadTrainer(**common, num_parallels=config.workers())
-        threads.progress = progress
-        return threads, nullcontext()
+def _build_simulation(
+    config: RunConfig, models: Models, dataset: TensorPartitionedDataset, device: str
+) -> Simulation:
+    algorithm_cls = ALGORITHMS[config.algorithm]
+    algorithm = algorithm_cls(lr=config.lr, epochs=config.epochs)  # type: ignore[call-arg]
+    setup = ClientSetup(
+        dataset=dataset,
+        model=models.select_model(config.model),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=device,
+    )
+    options: dict[str, Any] = {}
     if config.mode == "vectorized":
-        from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
-
-        vectorized = FedAvgVectorizedClientTrainer(
-            **common, chunk_size=config.chunk_size, num_parallels=config.workers()
-        )
-        return vectorized, nullcontext()
-    processes = _ProcessTrainer(**common, state_dir=None, num_parallels=config.workers())
-    processes.progress = progress
-    return processes, processes
+        options["chunk_size"] = config.chunk_size
+    executor = make_executor(config.mode, setup, parallelism=config.workers(), **options)
+    if config.mode == "process":
+        executor.start()  # type: ignore[attr-defined]
+    return Simulation(
+        algorithm,
+        executor,
+        num_clients=config.num_clients,
+        clients_per_round=config.clients_per_round(),
+    )
 
 
 def _say(out: TextIO, config: RunConfig, text: str) -> None:
@@ -499,7 +459,12 @@ def run_experiment(
         labels, config.num_clients, method=config.partition, seed=config.seed, **options
     )
     counts = class_counts(labels, parts, data.num_classes)
-    models = Models(input_shape=data.input_shape, num_classes=data.num_classes, seed=config.seed)
+    models = Models(
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        seed=config.seed,
+        hidden_sizes=tuple(config.hidden_sizes or (200, 200)),
+    )
     models.select_model(config.model)  # fail early on a model/input-shape mismatch
 
     if run_dir is None:
@@ -532,67 +497,87 @@ def run_experiment(
         )
 
     pdata = TensorPartitionedDataset(data, parts)
-    server = FedAvgBaseServerHandler(
-        model_selector=models,
-        model_name=config.model,
-        dataset=pdata,
-        global_round=config.rounds,
-        num_clients=config.num_clients,
-        sample_ratio=config.sample_ratio,
-        device=device,
-        batch_size=EVAL_BATCH_SIZE,
-        seed=config.seed,
-    )
-    trainer, trainer_context = _build_trainer(config, models, pdata, device, bars)
+    sim = _build_simulation(config, models, pdata, device)
+    # The global model for evaluation and for the files; the simulation's flat state is
+    # loaded into it after each round.
+    model = models.select_model(config.model)
+    use_fast_layers(model)
+    rng_suite = create_rng_suite(config.seed)
     metrics: list[dict[str, Any]] = []
     elapsed_before = 0.0
     if checkpoint is not None:
-        _load_model_state(server.model, checkpoint.model_state, config.model)
-        _restore_rng(server.rng_suite, checkpoint.rng)
-        server.round = trainer.round = checkpoint.round
+        _load_model_state(model, checkpoint.model_state, config.model)
+        _restore_rng(rng_suite, checkpoint.rng)
+        tensors = {"server/model": serialize_model(model).to(torch.float32), **checkpoint.tensors}
+        sim.load_state_tensors(tensors, checkpoint.round)
         metrics = list(checkpoint.metrics)
         elapsed_before = checkpoint.wall_time_s
     log = MetricsLog(run_dir)
     log.reset(metrics)
     train_loader = _train_eval_loader(data)
+    # The suite's generator (never the global one) drives the loader's per-pass draw.
+    test_loader = pdata.get_dataloader(
+        Split.TEST, None, batch_size=EVAL_BATCH_SIZE, generator=rng_suite.torch_cpu
+    )
     started = time.perf_counter()
 
     def wall_time() -> float:
         return elapsed_before + time.perf_counter() - started
 
     def checkpoint_now() -> None:
+        extra = {k: v for k, v in sim.state_tensors().items() if k != "server/model"}
         save_checkpoint(
             run_dir,
             Checkpoint(
-                round=server.round,
-                model_state=server.model.state_dict(),
+                round=sim.round,
+                model_state=model.state_dict(),
                 config=config_to_toml(config),
                 metrics=metrics,
-                rng=_rng_state(server.rng_suite),
+                rng=_rng_state(rng_suite),
                 wall_time_s=wall_time(),
+                tensors=extra,
             ),
         )
 
     try:
-        # One intra-op thread, as the trainers use: evaluation and aggregation copies on a
-        # busy machine are many times slower with OpenMP threads spinning against each other.
-        with server, trainer_context, intra_op_threads(1):
+        # One intra-op thread, as the clients use: evaluation and aggregation on a busy
+        # machine are many times slower with OpenMP threads spinning against each other.
+        with sim, intra_op_threads(1):
             round_bar = bars.bar(
                 total=config.rounds, initial=start_round, desc="rounds", unit="round"
             )
             with round_bar:
-                for row in _rounds(server, trainer, train_loader, device, wall_time):
+                while sim.round < config.rounds:
+                    round_start = time.perf_counter()
+                    cids = sim.sample_clients()
+                    with bars.bar(
+                        total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
+                    ) as client_bar:
+                        summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
+                    sim.load_global_into(model)
+                    test_loss, test_acc = evaluate(model, test_loader, device)
+                    train_loss, train_acc = evaluate(model, train_loader, device)
+                    row: dict[str, Any] = {
+                        "round": sim.round,
+                        "wall_time_s": round(wall_time(), 3),
+                        "round_time_s": round(time.perf_counter() - round_start, 3),
+                        "num_clients": len(cids),
+                        "train_loss": train_loss,
+                        "train_accuracy": train_acc,
+                        "test_loss": test_loss,
+                        "test_accuracy": test_acc,
+                        "client_loss": summary.get("train_loss"),
+                    }
                     metrics.append(row)
                     log.append(row)
                     every = config.checkpoint_every
-                    if server.is_stopped() or (every > 0 and server.round % every == 0):
+                    if sim.round >= config.rounds or (every > 0 and sim.round % every == 0):
                         checkpoint_now()
                     round_bar.set_postfix(test_acc=f"{100 * row['test_accuracy']:.1f}%")
                     round_bar.update(1)
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted after round {server.round}; continue with: emberfl run --resume "
-            f"{run_dir}",
+            f"\ninterrupted after round {sim.round}; continue with: emberfl run --resume {run_dir}",
             file=sys.stderr,
         )
         raise
@@ -600,8 +585,8 @@ def run_experiment(
     final_path = run_dir / FINAL_MODEL_FILE
     save_model_file(
         final_path,
-        server.model.state_dict(),
-        metadata=final_model_metadata(config, server.round),
+        model.state_dict(),
+        metadata=final_model_metadata(config, sim.round),
     )
     if config.quiet:
         print(run_dir, file=stream, flush=True)
@@ -644,40 +629,6 @@ def _toml_bytes(config: RunConfig) -> bytes:
 
     header = "# emberfl run configuration; reuse it with: emberfl run --config FILE\n"
     return (header + tomli_w.dumps(config_to_toml(config))).encode("utf-8")
-
-
-def _rounds(
-    server: FedAvgBaseServerHandler,
-    trainer: Any,
-    train_loader: DataLoader[Any],
-    device: str,
-    wall_time: Callable[[], float],
-) -> Iterator[dict[str, Any]]:
-    """Run the remaining rounds, yielding each round's metrics row."""
-    while not server.is_stopped():
-        round_start = time.perf_counter()
-        before = server.round
-        cids = server.sample_clients()
-        trainer.local_process(server.downlink_package(), cids)
-        for package in trainer.uplink_package():
-            server.load(package)
-        if server.round != before + 1:
-            raise RuntimeError(
-                f"round {before + 1} did not complete: the trainer returned packages for "
-                f"fewer than the {len(cids)} sampled clients"
-            )
-        summary = server.get_summary()
-        train_loss, train_acc = FedAvgBaseServerHandler.evaluate(server.model, train_loader, device)
-        yield {
-            "round": server.round,
-            "wall_time_s": round(wall_time(), 3),
-            "round_time_s": round(time.perf_counter() - round_start, 3),
-            "num_clients": len(cids),
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
-            "test_loss": float(summary["server_loss"]),
-            "test_accuracy": float(summary["server_acc"]),
-        }
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:

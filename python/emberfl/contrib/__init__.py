@@ -1,14 +1,13 @@
-"""BlazeFL's ``blazefl.contrib``: ready-made algorithms, re-exported from
-:mod:`emberfl.algorithms`.
+"""BlazeFL's ``blazefl.contrib``: ready-made algorithms under BlazeFL's protocols.
 
 ``from emberfl.contrib import FedAvgBaseServerHandler`` and
 ``from emberfl.contrib.fedavg import ...`` both work, so BlazeFL code ports by renaming the
-package.
+package. The classes are thin adapters of emberfl's algorithm layer
+(:mod:`emberfl.algorithms`, :mod:`emberfl.executors`).
 """
 
 from __future__ import annotations
 
-from emberfl.algorithms.fedavg_vectorized import FedAvgVectorizedClientTrainer
 from emberfl.contrib import fedavg
 from emberfl.contrib.fedavg import (
     FedAvgBaseClientTrainer,
@@ -21,6 +20,10 @@ from emberfl.contrib.fedavg import (
     FedAvgProcessPoolUplinkPackage,
     FedAvgThreadPoolClientTrainer,
     FedAvgUplinkPackage,
+)
+from emberfl.contrib.fedavg_vectorized import (
+    FedAvgVectorizedClientTrainer,
+    FedAvgVectorizedServerHandler,
 )
 
 __all__ = [
@@ -35,5 +38,6 @@ __all__ = [
     "FedAvgThreadPoolClientTrainer",
     "FedAvgUplinkPackage",
     "FedAvgVectorizedClientTrainer",
+    "FedAvgVectorizedServerHandler",
     "fedavg",
 ]

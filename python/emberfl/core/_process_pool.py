@@ -261,7 +261,7 @@ def _apply_control(state: _WorkerState, message: tuple[Any, ...]) -> None:
 
 
 def _run_task(
-    state: _WorkerState, task_id: int, cid: int, device: str, config_bytes: bytes
+    state: _WorkerState, task_id: int, cid: int, device: str, config_bytes: bytes, slot_index: int
 ) -> bytes:
     try:
         config = _StickyUnpickler(config_bytes, state.sticky).load()
@@ -271,7 +271,7 @@ def _run_task(
         shm_buffer = None
         slot = None
         if state.up_layout is not None and state.up_arena is not None:
-            slot = state.up_arena.slot(state.index)
+            slot = state.up_arena.slot(slot_index)
             slot.copy_(state.up_arena.slot(state.template_slot))
             shm_buffer = unpack(state.up_skeleton, state.up_layout, slot, clone=False)
         elif state.up_skeleton is not None:
@@ -337,6 +337,7 @@ class _Task:
     device: str
     config_bytes: bytes
     tokens: list[int]
+    slot: int = -1  # the uplink slot it writes into, once dispatched
 
 
 class _Resources:
@@ -395,6 +396,14 @@ class ClientJob(Generic[B]):
     def ready(self) -> bool:
         """Return whether the client's result has arrived."""
         return self._pool._ready(self._index)
+
+    def release(self) -> None:
+        """Give back the shared memory of a borrowed result (see :meth:`ProcessPool.start_round`).
+
+        The result's tensors must not be used afterwards: the slot goes to another client.
+        Idempotent; a no-op for copied results.
+        """
+        self._pool._release(self._index)
 
     def get(self) -> B:
         """Wait for the client's result (running the pool meanwhile) and return it.
@@ -460,6 +469,9 @@ class ProcessPool:
         self._done: list[bool] = []
         self._next_task = 0
         self._failure: BaseException | None = None
+        self._borrow = False
+        self._free_slots: list[int] = []
+        self._held: dict[int, int] = {}  # task index -> slot of a borrowed result
         try:
             for index in range(num_workers):
                 parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
@@ -527,6 +539,9 @@ class ProcessPool:
         payload: Any,
         uplink_template: Any,
         clients: Sequence[tuple[int, str, Any]],
+        *,
+        borrow: bool = False,
+        pin: Sequence[Any] = (),
     ) -> list[ClientJob[Any]]:
         """Prepare a round and return one job per client, in ``clients`` order.
 
@@ -535,6 +550,12 @@ class ProcessPool:
             payload: The downlink package.
             uplink_template: ``prepare_uplink_package_buffer()``'s result, or ``None``.
             clients: ``(cid, device, config)`` per client.
+            borrow: Hand results back as views of their uplink slot instead of copies.
+                The slot stays reserved until :meth:`ClientJob.release`; the pool has
+                ``2 * num_workers`` slots, so workers keep going while up to
+                ``num_workers`` results wait to be consumed in order.
+            pin: Objects of the configs that are sent to each worker once and kept
+                there even when only one config of the round holds them.
 
         Returns:
             The jobs; clients are dispatched as jobs are waited on.
@@ -545,9 +566,11 @@ class ProcessPool:
         for arena in self._retired:
             _close_quietly(arena)
         self._retired.clear()
+        self._borrow = borrow
+        self._held = {}
         self._broadcast_payload(worker_fn, payload)
         self._prepare_uplink(uplink_template)
-        self._tasks = self._prepare_tasks(clients)
+        self._tasks = self._prepare_tasks(clients, pin)
         self._results = [None] * len(self._tasks)
         self._done = [False] * len(self._tasks)
         self._next_task = 0
@@ -590,6 +613,7 @@ class ProcessPool:
         )
 
     def _prepare_uplink(self, template: Any) -> None:
+        self._free_slots = []
         if template is None:
             self._up_skeleton = self._up_layout = None
             self._broadcast(("uplink", None, None, None, 0, -1))
@@ -599,24 +623,33 @@ class ProcessPool:
             self._up_skeleton, self._up_layout = skeleton, None
             self._broadcast(("uplink", skeleton, None, None, 0, -1))
             return
-        if self._up_arena is None or self._up_layout != layout:
+        work_slots = self.num_workers * (2 if self._borrow else 1)
+        if (
+            self._up_arena is None
+            or self._up_layout != layout
+            or self._up_arena.num_slots < work_slots + 1
+        ):
             self._retire(self._up_arena)
-            self._up_arena = _new_arena(layout.num_floats, self.num_workers + 1)
+            self._up_arena = _new_arena(layout.num_floats, work_slots + 1)
             self._up_layout = layout
             self._up_gen += 1
         self._up_skeleton = skeleton
-        write_tensors(layout, self._up_arena.slot(self.num_workers), tensors)
+        template_slot = self._up_arena.num_slots - 1
+        self._free_slots = list(range(template_slot - 1, -1, -1))
+        write_tensors(layout, self._up_arena.slot(template_slot), tensors)
         handle = self._up_arena.handle
-        self._broadcast(("uplink", skeleton, layout, handle, self.num_workers, self._up_gen))
+        self._broadcast(("uplink", skeleton, layout, handle, template_slot, self._up_gen))
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
         for worker in self._res.workers:
             self._send(worker, message)
 
-    def _prepare_tasks(self, clients: Sequence[tuple[int, str, Any]]) -> list[_Task]:
+    def _prepare_tasks(
+        self, clients: Sequence[tuple[int, str, Any]], pin: Sequence[Any] = ()
+    ) -> list[_Task]:
         # Objects shared by several configs (or already cached) are sent once per worker.
-        counts: Counter[int] = Counter()
-        candidates: dict[int, Any] = {}
+        counts: Counter[int] = Counter({id(obj): 2 for obj in pin})
+        candidates: dict[int, Any] = {id(obj): obj for obj in pin}
         for _, _, config in clients:
             for value in _top_level_values(config):
                 if not isinstance(value, (*_SIMPLE_TYPES, torch.Tensor)):
@@ -678,15 +711,18 @@ class ProcessPool:
                 return
             if worker.task is not None:
                 continue
+            if self._up_layout is not None and not self._free_slots:
+                return  # every slot holds a result still waiting to be consumed
             index = self._next_task
             task = self._tasks[index]
+            task.slot = self._free_slots.pop() if self._up_layout is not None else -1
             for token in task.tokens:
                 if token not in worker.sent_tokens:
                     sticky = by_token[token]
                     handle = sticky.arena.handle if sticky.arena is not None else None
                     self._send(worker, ("sticky", token, sticky.data, sticky.layout, handle))
                     worker.sent_tokens.add(token)
-            self._send(worker, ("task", index, task.cid, task.device, task.config_bytes))
+            self._send(worker, ("task", index, task.cid, task.device, task.config_bytes, task.slot))
             worker.task = index
             self._next_task += 1
 
@@ -733,26 +769,50 @@ class ProcessPool:
         worker.task = None
         cid = self._tasks[index].cid
         if kind == "done":
+            task = self._tasks[index]
             try:
                 result = pickle.loads(message[2])
                 if self._up_layout is not None and self._up_arena is not None:
-                    slot = self._up_arena.slot(worker.index)
-                    buffer = unpack(self._up_skeleton, self._up_layout, slot, clone=True)
+                    slot = self._up_arena.slot(task.slot)
+                    buffer = unpack(
+                        self._up_skeleton, self._up_layout, slot, clone=not self._borrow
+                    )
                     result = reconstruct_from_shared_memory(result, buffer)
             except Exception as exc:
                 self._failure = ClientError(cid, f"its result could not be rebuilt: {exc}")
                 return
+            if self._up_layout is not None:
+                if self._borrow:
+                    self._held[index] = task.slot
+                else:
+                    self._free_slots.append(task.slot)
             self._results[index] = result
             self._done[index] = True
         elif kind == "mismatch":
+            self._free_task_slot(index)
             self._failure = TensorMismatchError(message[2])
         elif kind == "error":
+            self._free_task_slot(index)
             _, _, text, worker_tb, exc_bytes = message
             error = ClientError(cid, text, worker_tb)
             if exc_bytes is not None:
                 with contextlib.suppress(Exception):
                     error.__cause__ = pickle.loads(exc_bytes)
             self._failure = error
+
+    def _free_task_slot(self, index: int) -> None:
+        slot = self._tasks[index].slot
+        if slot >= 0 and slot not in self._free_slots:
+            self._free_slots.append(slot)
+
+    def _release(self, index: int) -> None:
+        slot = self._held.pop(index, None)
+        if slot is None:
+            return
+        self._results[index] = None
+        self._free_slots.append(slot)
+        if self._failure is None and not self.closed:
+            self._dispatch()
 
     def _raise_died(self, worker: _Worker, cause: BaseException | None = None) -> None:
         process = worker.process
@@ -819,6 +879,7 @@ class ProcessPool:
         self._tasks = []
         self._results = []
         self._done = []
+        self._held = {}
 
 
 class _StickyPickler(pickle.Pickler):

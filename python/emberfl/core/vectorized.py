@@ -318,6 +318,11 @@ class VectorizedModel:
         self.names: tuple[str, ...] = tuple(e.name for e in entries if e.trainable)
         self.dim = offset
 
+    @property
+    def module(self) -> nn.Module:
+        """The prepared module (its parameters are replaced while a chunk trains)."""
+        return self._module
+
     def replica(self) -> VectorizedModel:
         """Return a copy with its own module, for another thread.
 
@@ -432,6 +437,31 @@ class VectorizedModel:
             ``name -> (C, *shape)`` gradients; ``None`` for a parameter the forward pass
             does not use (like ``p.grad`` staying ``None``).
         """
+        grads, _ = self.grads_and_losses(params, inputs, targets, weights)
+        return grads
+
+    def grads_and_losses(
+        self,
+        params: Mapping[str, torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        extra: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] | None = None,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """Like :meth:`grads`, with an optional extra loss term; also return the losses.
+
+        Args:
+            params: ``name -> (C, *shape)`` stacked parameters (not modified).
+            inputs: ``(C, B, ...)`` inputs.
+            targets: ``(C, B, ...)`` targets.
+            weights: ``(C, B)`` per-sample loss weights (0 for padding).
+            extra: ``leaves -> scalar`` added to the summed loss (differentiated with it):
+                the sum over clients of a per-client term, e.g. FedProx's proximal term.
+
+        Returns:
+            The gradients, and each client's weighted data loss ``(C,)`` (detached).
+        """
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         module = self._module
 
@@ -445,9 +475,14 @@ class VectorizedModel:
             losses = self._loss_fn(
                 outputs.reshape(c * b, *outputs.shape[2:]), targets.flatten(0, 1)
             )
-            total = (losses.reshape(c, b) * weights).sum()
+            per_client = (losses.reshape(c, b) * weights).sum(dim=1)
+            total = per_client.sum()
+            if extra is not None:
+                term = extra(leaves)
+                if term is not None:
+                    total = total + term
             grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-        return dict(zip(leaves, grads, strict=True))
+        return dict(zip(leaves, grads, strict=True)), per_client.detach()
 
     def write_rows(
         self,

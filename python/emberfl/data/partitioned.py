@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from emberfl.algorithms.fedavg import FedAvgPartitionType
+from emberfl.algorithms.base import Split as FedAvgPartitionType
 from emberfl.data import FLDataset, Partition
 from emberfl.errors import ConfigError
 

@@ -47,6 +47,7 @@ class Models:
         input_shape: One sample's shape, e.g. ``(1, 8, 8)`` or ``(3, 32, 32)``.
         num_classes: The number of outputs.
         seed: The experiment seed.
+        hidden_sizes: The hidden widths of ``"mlp"``.
 
     Example:
         >>> models = Models(input_shape=(1, 8, 8), num_classes=10, seed=0)
@@ -58,6 +59,7 @@ class Models:
     input_shape: tuple[int, ...]
     num_classes: int
     seed: int = 0
+    hidden_sizes: tuple[int, ...] = (200, 200)
 
     def __post_init__(self) -> None:
         """Check the shape and class count.
@@ -95,14 +97,16 @@ class Models:
         init_seed = stream(self.seed, purpose=Purpose.MODEL_INIT).torch_seed()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            return _build(name, self.input_shape, self.num_classes)
+            return _build(name, self.input_shape, self.num_classes, self.hidden_sizes)
 
 
-def _build(name: ModelName, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build(
+    name: ModelName, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]
+) -> nn.Module:
     if name is ModelName.CNN:
         return TutorialCNN(input_shape, num_classes)
     if name is ModelName.SMALL_CNN:
         return SmallCNN(input_shape, num_classes)
     if name is ModelName.MLP:
-        return MLP(input_shape, num_classes)
+        return MLP(input_shape, num_classes, hidden=tuple(hidden))
     return ResNet18(input_shape, num_classes)

@@ -297,6 +297,18 @@ impl Arena {
                 (file, location, None)
             }
             Backing::Shm { dir } => {
+                let available = fs_available(dir);
+                if let Some(avail) = available {
+                    // Checked first: reserving more than the file system has would fill it
+                    // up before failing.
+                    if len as u64 > avail {
+                        return Err(Error::OutOfSharedMemory {
+                            requested: len as u64,
+                            available: avail,
+                            location: dir.display().to_string(),
+                        });
+                    }
+                }
                 let path = dir.join(format!("emberfl-{:016x}{:016x}", token[0], token[1]));
                 let file = OpenOptions::new()
                     .read(true)
@@ -310,7 +322,7 @@ impl Arena {
                         source,
                     })?;
                 let where_ = dir.display().to_string();
-                if let Err(e) = reserve(&file, len as u64, &where_, fs_available(dir)) {
+                if let Err(e) = reserve(&file, len as u64, &where_, available) {
                     let _ = std::fs::remove_file(&path);
                     return Err(e);
                 }

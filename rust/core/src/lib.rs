@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accumulate;
 pub mod aggregate;
 pub mod arena;
 pub mod error;
@@ -10,5 +11,6 @@ pub mod maxpool;
 pub mod pool;
 pub mod rng;
 
+pub use accumulate::Accumulator;
 pub use arena::{Arena, Backing, Handle, Location, Out};
 pub use error::{Error, Result};

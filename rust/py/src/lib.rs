@@ -3,6 +3,7 @@
 //! Mechanical by design: convert arguments, release the GIL around long calls, call the
 //! core, convert results and errors. The Python package wraps these objects.
 
+mod accumulate;
 mod arena;
 mod errors;
 mod kernels;
@@ -24,6 +25,8 @@ pub(crate) fn run_detached<T: Send>(
 
 #[pymodule(gil_used = false)]
 mod _core {
+    #[pymodule_export]
+    use crate::accumulate::Accumulator;
     #[pymodule_export]
     use crate::arena::Arena;
     #[pymodule_export]

@@ -1,20 +1,8 @@
-"""Deterministic aggregation kernels over arena slots (Rust, parallel, GIL released).
+"""Deterministic kernels over arena slots (Rust, parallel, GIL released).
 
 Every kernel gives bitwise-identical results for any ``num_threads``: work is split into
 fixed blocks and every sum is taken in a fixed order in float64. ``num_threads`` defaults to
 ``torch.get_num_threads()`` so Rust and PyTorch do not oversubscribe the cores.
-
-Example:
-    >>> import torch
-    >>> from emberfl.arena import ParamArena
-    >>> from emberfl.aggregation import weighted_mean
-    >>> arena = ParamArena.from_model({"w": torch.zeros(3)}, num_slots=3)
-    >>> arena.slot(0).fill_(1.0); arena.slot(1).fill_(4.0)  # doctest: +ELLIPSIS
-    tensor(...)
-    tensor(...)
-    >>> weighted_mean(arena, [0, 1], [2.0, 1.0], out=2)
-    >>> arena.slot(2).tolist()
-    [2.0, 2.0, 2.0]
 """
 
 from __future__ import annotations

@@ -1,0 +1,299 @@
+"""Local SGD with an extra term: the easy path for gradient-based FL algorithms.
+
+Most FL algorithms are "each client runs SGD on its data, perhaps with an extra gradient
+term and some per-client state, and the server applies a rule to the weighted mean of the
+updates". :class:`LocalSGD` is that algorithm with four small hooks:
+
+* :meth:`LocalSGD.loss_term` — a term added to each step's loss (FedProx's proximal term);
+* :meth:`LocalSGD.gradient` — a change to each step's gradients (SCAFFOLD's correction);
+* :meth:`LocalSGD.finish` — what the client sends up and keeps, from its trained model,
+  the global model and its state (SCAFFOLD's ``Δc``, FedDyn's state update);
+* :meth:`Algorithm.server_update` — what the server does with the round's means.
+
+The hooks see tensors, never a schedule. In the per-client executors (serial, thread,
+process) a parameter has its own shape, ``(*shape)``; in the vectorized executor the
+parameters, gradients, states and uplinks of ``C`` clients are stacked, ``(C, *shape)``,
+while the global model and the broadcast keep their shape and broadcast against them.
+Hooks written with elementwise tensor arithmetic (``+``, ``*``, ``torch.where``, ...) work
+unchanged in both, so one definition runs in every mode. A hook that reduces over
+elements must keep the client dimension (``dim=-1`` of a flat vector).
+
+FedAvg is this class with no hook overridden (:class:`~emberfl.algorithms.fedavg.FedAvg`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from emberfl.algorithms.base import (
+    Aggregate,
+    Algorithm,
+    Client,
+    ClientResult,
+    Grads,
+    ModelLayout,
+    ServerState,
+    Tree,
+    check_positive,
+    iter_epochs,
+)
+from emberfl.core.vectorized import StackedSGD
+from emberfl.errors import ConfigError
+
+__all__ = ["ClientUpdate", "LocalResult", "LocalSGD", "Terms", "train_locally"]
+
+
+@dataclass
+class Terms:
+    """What :meth:`LocalSGD.loss_term` and :meth:`LocalSGD.gradient` see besides the
+    parameters.
+
+    Attributes:
+        global_params: The global model's trainable parameters (``(*shape)``).
+        state: The client's state (:meth:`Algorithm.client_state`); entries of the model's
+            size are :data:`Tree` views with the parameters' names, others flat tensors.
+            ``(C, ...)`` in the vectorized executor.
+        server: The broadcast's other entries, shaped like ``state``'s (never stacked).
+        step: The local step, from 0.
+    """
+
+    global_params: Tree
+    state: dict[str, Any]
+    server: dict[str, Any]
+    step: int = 0
+
+
+@dataclass
+class LocalResult:
+    """A client after local training, as :meth:`LocalSGD.finish` sees it (flat vectors).
+
+    Attributes:
+        model: The trained model ``y`` (``(dim,)``; ``(C, dim)`` when vectorized).
+        global_model: The global model ``x`` it started from (``(dim,)``).
+        state: The client's state, flat (``(C, n)`` when vectorized).
+        server: The broadcast's other entries, flat.
+        steps: Local steps taken (an int; a ``(C, 1)`` float tensor when vectorized).
+        num_samples: Training samples (an int; ``(C, 1)`` when vectorized).
+        lr: The local learning rate.
+        state_is_new: Whether the state held no earlier result (a bool; ``(C, 1)`` bool
+            tensor when vectorized).
+    """
+
+    model: torch.Tensor
+    global_model: torch.Tensor
+    state: dict[str, torch.Tensor]
+    server: dict[str, torch.Tensor]
+    steps: Any
+    num_samples: Any
+    lr: float
+    state_is_new: Any = False
+
+
+@dataclass
+class ClientUpdate:
+    """What :meth:`LocalSGD.finish` returns.
+
+    Attributes:
+        uplink: One flat tensor per stream of :meth:`Algorithm.uplink_streams`.
+        state: New values of the client's state entries (written by the executor once the
+            client is done; entries not listed keep their values).
+        weights: Weights of streams declared ``weight="result"`` (a float; ``(C,)`` when
+            vectorized).
+    """
+
+    uplink: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalSGD(Algorithm):
+    """Local SGD on every client, then ``x <- x + server_lr * mean(delta)`` on the server.
+
+    Attributes:
+        lr: Local learning rate.
+        epochs: Local epochs per round.
+        momentum: Local SGD momentum (``torch.optim.SGD``'s meaning).
+        weight_decay: Local L2 penalty.
+        server_lr: Server learning rate ``eta_g`` (1: the mean of the client models).
+    """
+
+    name: ClassVar[str] = "local-sgd"
+    summary: ClassVar[str] = "local SGD, server step on the weighted mean update"
+    vectorizable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        epochs: int = 1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        server_lr: float = 1.0,
+    ) -> None:
+        """Set the hyper-parameters.
+
+        Args:
+            lr: Local learning rate (> 0).
+            epochs: Local epochs per round (>= 1).
+            momentum: Local momentum (>= 0).
+            weight_decay: Local weight decay (>= 0).
+            server_lr: Server learning rate (> 0).
+
+        Raises:
+            ConfigError: For a value out of range.
+        """
+        self.lr = check_positive("lr", lr)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+        self.epochs = epochs
+        self.momentum = check_positive("momentum", momentum, allow_zero=True)
+        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.server_lr = check_positive("server_lr", server_lr)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def loss_term(self, params: Tree, terms: Terms) -> torch.Tensor | None:
+        """Return a term added to each step's loss, or ``None`` (the default).
+
+        Args:
+            params: The live trainable parameters (differentiable).
+            terms: The global parameters, state and broadcast.
+
+        Returns:
+            A scalar (the sum over stacked clients when vectorized), or ``None``.
+        """
+        return None
+
+    def gradient(self, grads: Grads, params: Tree, terms: Terms) -> Grads:
+        """Return each step's gradients, changed as the algorithm needs (default: as is).
+
+        Args:
+            grads: The loss's gradients (``None`` entries for unused parameters).
+            params: The parameters they belong to (do not modify).
+            terms: The global parameters, state and broadcast.
+
+        Returns:
+            The gradients to step with.
+        """
+        return grads
+
+    def finish(self, result: LocalResult) -> ClientUpdate:
+        """Return the uplink (and new state) of a trained client (default: ``delta = y - x``).
+
+        Args:
+            result: The trained client.
+
+        Returns:
+            The uplink tensors and state updates.
+        """
+        return ClientUpdate(uplink={"delta": result.model - result.global_model})
+
+    def server_update(self, state: ServerState, aggregate: Aggregate) -> None:
+        """Apply ``x <- x + server_lr * mean(delta)``."""
+        state.model.add_(aggregate.mean("delta"), alpha=self.server_lr)
+
+    # -- running ----------------------------------------------------------------------------
+    def optimizer(self) -> StackedSGD:
+        """Return a fresh local optimiser (one per client and round)."""
+        return StackedSGD(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def client_update(self, client: Client) -> ClientResult:
+        """Train the client with local SGD and the hooks (per-client executors)."""
+        result, metrics = train_locally(self, client)
+        update = self.finish(result)
+        for name, value in update.state.items():
+            client.state[name].copy_(value.reshape(-1))
+        return ClientResult(
+            uplink=update.uplink,
+            num_samples=client.num_samples,
+            weights={k: float(v) for k, v in update.weights.items()},
+            metrics=metrics,
+        )
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this class overrides hook ``hook`` of :class:`LocalSGD`."""
+        return getattr(type(self), hook) is not getattr(LocalSGD, hook)
+
+
+def shaped(flat: torch.Tensor, layout: ModelLayout, *, trainable_only: bool = True) -> Any:
+    """Return ``flat`` as a tree if it is model-sized (last dimension ``layout.dim``), else
+    as it is."""
+    if flat.shape[-1] == layout.dim:
+        return layout.tree(flat, trainable_only=trainable_only)
+    return flat
+
+
+def train_locally(algorithm: LocalSGD, client: Client) -> tuple[LocalResult, dict[str, float]]:
+    """Run ``algorithm``'s local SGD on one client's model (the per-client executors' loop).
+
+    The step is ``torch.optim.SGD``'s arithmetic (:class:`~emberfl.core.vectorized.StackedSGD`
+    on unstacked tensors); with no hook and no momentum it is plain ``p -= lr * grad``.
+
+    Args:
+        algorithm: The algorithm.
+        client: The client.
+
+    Returns:
+        The trained client as :meth:`LocalSGD.finish` sees it, and its metrics
+        (``train_loss``: the mean loss of its steps; ``steps``).
+    """
+    client.load_global()
+    model = client.model
+    model.train()
+    device = client.device
+    layout = client.layout
+    params: Tree = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    x = client.broadcast["model"]
+    use_loss = algorithm.overrides("loss_term")
+    use_grad = algorithm.overrides("gradient")
+    terms = None
+    if use_loss or use_grad:
+        state_dev = {n: t.to(device) for n, t in client.state.items()}
+        server_dev = {n: t.to(device) for n, t in client.broadcast.items() if n != "model"}
+        terms = Terms(
+            global_params=layout.tree(x.to(device), trainable_only=True),
+            state={n: shaped(t, layout) for n, t in state_dev.items()},
+            server={n: shaped(t, layout) for n, t in server_dev.items()},
+        )
+    optimizer = algorithm.optimizer()
+    criterion = torch.nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    for data, target in iter_epochs(client, algorithm.epochs):
+        if client.stopped():
+            break
+        data, target = data.to(device), target.to(device)
+        loss = criterion(model(data), target)
+        total = loss
+        if terms is not None:
+            terms.step = steps
+            if use_loss:
+                extra = algorithm.loss_term(params, terms)
+                if extra is not None:
+                    total = loss + extra
+        for p in params.values():
+            p.grad = None
+        total.backward()
+        grads: Grads = {n: p.grad for n, p in params.items()}
+        if terms is not None and use_grad:
+            grads = algorithm.gradient(grads, params, terms)
+        optimizer.step(params, grads, None)
+        loss_sum += loss.detach()
+        steps += 1
+    y = client.flat_model()
+    result = LocalResult(
+        model=y,
+        global_model=x,
+        state=dict(client.state),
+        server={n: t for n, t in client.broadcast.items() if n != "model"},
+        steps=steps,
+        num_samples=client.num_samples,
+        lr=algorithm.lr,
+        state_is_new=client.state_is_new,
+    )
+    metrics = {"steps": float(steps)}
+    if steps:
+        metrics["train_loss"] = float(loss_sum) / steps
+    return result, metrics

@@ -1,0 +1,114 @@
+"""The thread executor: ``num_parallels`` clients train at once in a thread pool.
+
+PyTorch releases the GIL inside its kernels, so the threads run in parallel. Each thread
+trains on its own copy of the model; at most ``2 * num_parallels`` clients are submitted
+ahead of the one being consumed, so finished results waiting for an earlier client stay
+bounded by the parallelism. The bits are the serial executor's: every client's randomness
+is its own stream, and results are consumed in client-list order.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from emberfl.algorithms.base import ClientResult
+from emberfl.core.intra_op import intra_op_threads
+from emberfl.errors import ConfigError
+from emberfl.executors.base import (
+    ClientSetup,
+    Consume,
+    Executor,
+    RoundPlan,
+    as_client_error,
+    check_result,
+)
+
+__all__ = ["ThreadExecutor"]
+
+
+class ThreadExecutor(Executor):
+    """Clients in a pool of ``num_parallels`` threads.
+
+    Attributes:
+        num_parallels: Threads.
+    """
+
+    name: ClassVar[str] = "thread"
+
+    def __init__(
+        self, setup: ClientSetup, *, num_parallels: int, intra_op_threads: int | None = 1
+    ) -> None:
+        """Create the executor.
+
+        Args:
+            setup: The clients' setup.
+            num_parallels: Threads (>= 1).
+            intra_op_threads: PyTorch's intra-op thread count while clients train.
+
+        Raises:
+            ConfigError: ``num_parallels < 1``.
+        """
+        if (
+            isinstance(num_parallels, bool)
+            or not isinstance(num_parallels, int)
+            or num_parallels < 1
+        ):
+            raise ConfigError(f"num_parallels must be an integer >= 1, got {num_parallels!r}")
+        super().__init__(setup, intra_op_threads=intra_op_threads)
+        self.num_parallels = num_parallels
+        self._models: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
+        for _ in range(num_parallels):
+            self._models.put(setup.template())
+
+    @property
+    def parallelism(self) -> int:
+        """Threads."""
+        return self.num_parallels
+
+    def _train(
+        self, plan: RoundPlan, cid: int, state: dict[str, torch.Tensor], is_new: bool
+    ) -> ClientResult:
+        model = self._models.get()
+        try:
+            client = self.client(plan, cid, model, state=state, state_is_new=is_new)
+            return check_result(plan.algorithm.client_update(client), plan, cid)
+        finally:
+            self._models.put(model)
+
+    def run(self, plan: RoundPlan, consume: Consume) -> None:
+        """Train ``plan.cids`` in the pool, calling ``consume`` in order (see :class:`Executor`).
+
+        Raises:
+            ClientError: The first failing client in list order; the others are stopped.
+        """
+        self.stop_event.clear()
+        window = 2 * self.num_parallels
+        with intra_op_threads(self.intra_op_threads):
+            pool = ThreadPoolExecutor(self.num_parallels, thread_name_prefix="emberfl-client")
+            pending: deque[tuple[int, Future[ClientResult]]] = deque()
+            try:
+                following = iter(plan.cids)
+                for position in range(len(plan.cids)):
+                    while len(pending) < window:
+                        cid = next(following, None)
+                        if cid is None:
+                            break
+                        # State slots are allocated here, in one thread.
+                        state = plan.state.views(cid) if plan.state is not None else {}
+                        is_new = plan.state is None or not plan.state.is_written(cid)
+                        pending.append((cid, pool.submit(self._train, plan, cid, state, is_new)))
+                    cid, future = pending.popleft()
+                    try:
+                        result = future.result()
+                    except Exception as exc:
+                        raise as_client_error(cid, exc) from exc
+                    consume(position, cid, result)
+            finally:
+                self.stop_event.set()
+                pool.shutdown(wait=True, cancel_futures=True)

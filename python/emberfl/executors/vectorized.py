@@ -1,0 +1,336 @@
+"""The vectorized executor: ``chunk_size`` clients of a local-SGD algorithm train as one
+stacked model.
+
+Every trainable parameter gets a leading client dimension and one
+:func:`torch.func.vmap`-ed forward/backward pass gives every client of the chunk its own
+gradient (:mod:`emberfl.core.vectorized`). The algorithm's hooks
+(:class:`~emberfl.algorithms.local_sgd.LocalSGD`) run on the stacked tensors, so any
+algorithm written with elementwise hooks runs here unchanged:
+
+* each client reads its own mini-batches in its own stream's order, from the very loader
+  the serial executor would build; clients with fewer samples or steps are padded and
+  masked (never updated on a step they do not have);
+* per-client state is gathered from the state store into ``(C, n)`` tensors for the
+  chunk and written back once the chunk is done;
+* the results equal the serial executor's up to float rounding (batched kernels sum in
+  another order: about 1e-6 relative after a round), are deterministic, and do not depend
+  on ``num_parallels`` (bitwise) or ``chunk_size`` (up to rounding).
+
+Chunks run ``num_parallels`` at a time in threads; their results are consumed in
+client-list order, with at most ``2 * num_parallels`` chunks trained ahead of the one being
+consumed. Algorithms that are not local SGD (``vectorizable = False``) are refused with a
+message naming the modes that run them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from emberfl.algorithms.base import ClientResult, iter_epochs
+from emberfl.algorithms.local_sgd import LocalResult, LocalSGD, Terms, shaped
+from emberfl.core.heap import retain_freed_memory
+from emberfl.core.intra_op import intra_op_threads
+from emberfl.core.vectorized import ConvMode, VectorizedModel, stack_batches
+from emberfl.errors import ClientError, ConfigError
+from emberfl.executors.base import ClientSetup, Consume, Executor, RoundPlan, check_result
+
+__all__ = ["DEFAULT_CPU_CHUNK", "VectorizedExecutor", "default_chunk_size"]
+
+DEFAULT_CPU_CHUNK = 32
+"""The most clients at once on the CPU when ``chunk_size`` is ``None`` (the whole round
+elsewhere). The round is split into equal chunks of at most this many clients, and into a
+multiple of ``num_parallels`` chunks so that the threads get equal work
+(:func:`default_chunk_size`; ``benches/bench_vectorized.py`` measures the scaling)."""
+
+
+def default_chunk_size(num_clients: int, num_parallels: int, limit: int = DEFAULT_CPU_CHUNK) -> int:
+    """Return the CPU chunk size used when ``chunk_size`` is ``None``.
+
+    Args:
+        num_clients: Clients in the round (>= 1).
+        num_parallels: Chunks trained at once.
+        limit: The largest chunk.
+
+    Returns:
+        ``ceil(num_clients / k)`` for the smallest ``k`` that is a multiple of
+        ``num_parallels`` and gives chunks of at most ``limit`` clients (for example
+        100 clients, 2 threads: 4 chunks of 25).
+    """
+    chunks = -(-num_clients // limit)
+    chunks = -(-chunks // num_parallels) * num_parallels
+    return max(1, -(-num_clients // chunks))
+
+
+@dataclass
+class _Chunk:
+    """A trained chunk: its clients' results (views of its CPU buffers)."""
+
+    cids: list[int]
+    results: list[ClientResult]
+
+
+class VectorizedExecutor(Executor):
+    """Clients of a :class:`~emberfl.algorithms.local_sgd.LocalSGD` algorithm, ``chunk_size``
+    at a time as one stacked model.
+
+    Attributes:
+        chunk_size: Clients trained at once (``None``: :func:`default_chunk_size` on the
+            CPU, every client of the round elsewhere).
+        num_parallels: Chunks trained at once (threads; the result does not depend on it).
+        retain_memory: On the CPU, keep freed memory in the process heap between steps.
+    """
+
+    name: ClassVar[str] = "vectorized"
+
+    def __init__(
+        self,
+        setup: ClientSetup,
+        *,
+        chunk_size: int | None = None,
+        num_parallels: int = 1,
+        intra_op_threads: int | None = 1,
+        conv: ConvMode = "auto",
+        retain_memory: bool = True,
+    ) -> None:
+        """Create the executor.
+
+        Args:
+            setup: The clients' setup.
+            chunk_size: Clients trained at once (>= 1); bounds memory to about
+                ``chunk_size`` models, optimiser states and mini-batches per thread.
+            num_parallels: Chunks trained at once, each in its own thread.
+            intra_op_threads: PyTorch's intra-op thread count while training; keep 1 and
+                raise ``num_parallels`` to use more cores.
+            conv: How per-client convolutions run (:data:`~emberfl.core.vectorized.ConvMode`).
+            retain_memory: Keep freed CPU memory in the heap between steps
+                (:func:`emberfl.core.heap.retain_freed_memory`, glibc only).
+
+        Raises:
+            ConfigError: A bad ``chunk_size`` or ``num_parallels``, or a model vectorized
+                training does not support (the message names the layer).
+        """
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if (
+            isinstance(num_parallels, bool)
+            or not isinstance(num_parallels, int)
+            or num_parallels < 1
+        ):
+            raise ConfigError(f"num_parallels must be a positive integer, got {num_parallels!r}")
+        super().__init__(setup, intra_op_threads=intra_op_threads)
+        self.chunk_size = chunk_size
+        self.num_parallels = num_parallels
+        self.retain_memory = retain_memory
+        self._vmodel = VectorizedModel(setup.model, conv=conv, device=setup.device)
+        self._replicas: list[VectorizedModel] = [self._vmodel]
+        self._lock = threading.Lock()
+
+    @property
+    def parallelism(self) -> int:
+        """Chunks trained at once."""
+        return self.num_parallels
+
+    def run(self, plan: RoundPlan, consume: Consume) -> None:
+        """Train ``plan.cids`` chunk by chunk, calling ``consume`` in order.
+
+        Raises:
+            ConfigError: The algorithm is not a vectorizable local-SGD algorithm.
+            ClientError: Training a chunk raised (it names the chunk's first client and
+                lists the others).
+            TensorMismatchError: The broadcast model or an uplink has the wrong size.
+        """
+        algorithm = plan.algorithm
+        if not isinstance(algorithm, LocalSGD) or not algorithm.vectorizable:
+            raise ConfigError(
+                f"{type(algorithm).__name__} is not a local-SGD algorithm with elementwise "
+                "hooks, so the vectorized executor cannot run it; use the serial, thread or "
+                "process executor"
+            )
+        if not plan.cids:
+            return
+        x = plan.broadcast["model"].detach().reshape(-1).to(torch.float32)
+        self._vmodel.stack(x, 1)  # validates the layout before any work
+        on_cpu = self._vmodel.device.type == "cpu"
+        chunk = self.chunk_size or (
+            default_chunk_size(len(plan.cids), self.num_parallels) if on_cpu else len(plan.cids)
+        )
+        if on_cpu and self.retain_memory:
+            retain_freed_memory()
+        starts = list(range(0, len(plan.cids), chunk))
+        workers = min(self.num_parallels, len(starts))
+        while len(self._replicas) < workers:
+            self._replicas.append(self._vmodel.replica())
+        if plan.state is not None:
+            for cid in plan.cids:  # slots are allocated here, in one thread
+                plan.state.views(cid)
+        free: deque[VectorizedModel] = deque(self._replicas[:workers])
+        for vmodel in free:
+            vmodel.load_shared(x)
+        self.stop_event.clear()
+
+        def train(start: int) -> _Chunk:
+            cids = plan.cids[start : start + chunk]
+            with self._lock:
+                vmodel = free.popleft()
+            try:
+                return self._train_chunk(vmodel, plan, algorithm, x, cids)
+            except ClientError:
+                self.stop_event.set()
+                raise
+            except Exception as exc:
+                self.stop_event.set()
+                others = f" (chunk of clients {cids})" if len(cids) > 1 else ""
+                raise ClientError(cids[0], f"{type(exc).__name__}: {exc}{others}") from exc
+            finally:
+                with self._lock:
+                    free.append(vmodel)
+
+        position = 0
+        with intra_op_threads(self.intra_op_threads):
+            if workers == 1:
+                for start in starts:
+                    position = self._deliver(train(start), plan, consume, position)
+                return
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="emberfl-chunk")
+            pending: deque[Future[_Chunk]] = deque()
+            following: Iterator[int] = iter(starts)
+            try:
+                while True:
+                    while len(pending) < 2 * workers:
+                        upcoming = next(following, None)
+                        if upcoming is None:
+                            break
+                        pending.append(pool.submit(train, upcoming))
+                    if not pending:
+                        break
+                    position = self._deliver(pending.popleft().result(), plan, consume, position)
+            finally:
+                self.stop_event.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _deliver(done: _Chunk, plan: RoundPlan, consume: Consume, position: int) -> int:
+        for cid, result in zip(done.cids, done.results, strict=True):
+            consume(position, cid, check_result(result, plan, cid))
+            position += 1
+        return position
+
+    def _train_chunk(
+        self,
+        vmodel: VectorizedModel,
+        plan: RoundPlan,
+        algorithm: LocalSGD,
+        x: torch.Tensor,
+        cids: list[int],
+    ) -> _Chunk:
+        device = vmodel.device
+        layout = plan.layout
+        c = len(cids)
+        clients = [self.client(plan, cid, vmodel.module, state={}) for cid in cids]
+        sizes = [cl.num_samples for cl in clients]
+        streams: list[Iterator[Any] | None] = [iter_epochs(cl, algorithm.epochs) for cl in clients]
+        x_dev = x.to(device)
+        # The clients' parameters live in ``rows`` (one row per client, flat layout): the
+        # first step reads the global model through stride-0 views and writes the rows,
+        # later steps update them in place.
+        rows = torch.empty((c, layout.dim), dtype=torch.float32, device=device)
+        current = vmodel.broadcast(x_dev, c)
+        params = vmodel.row_views(rows)
+        state_flat: dict[str, torch.Tensor] = {}
+        is_new = torch.ones((c, 1), dtype=torch.bool, device=device)
+        if plan.state is not None:
+            views = [plan.state.views(cid) for cid in cids]
+            for name in plan.state.spec:
+                state_flat[name] = torch.stack([v[name] for v in views]).to(device)
+            is_new = torch.tensor(
+                [[not plan.state.is_written(cid)] for cid in cids], dtype=torch.bool, device=device
+            )
+        server_flat = {n: t.to(device) for n, t in plan.broadcast.items() if n != "model"}
+        use_loss = algorithm.overrides("loss_term")
+        use_grad = algorithm.overrides("gradient")
+        terms = Terms(
+            global_params=layout.tree(x_dev, trainable_only=True),
+            state={n: shaped(t, layout) for n, t in state_flat.items()},
+            server={n: shaped(t, layout) for n, t in server_flat.items()},
+        )
+        sgd = algorithm.optimizer()
+        steps = torch.zeros(c, dtype=torch.float64, device=device)
+        loss_sum = torch.zeros(c, dtype=torch.float64, device=device)
+        first = True
+        step = 0
+
+        def extra(leaves: dict[str, torch.Tensor]) -> torch.Tensor | None:
+            return algorithm.loss_term(leaves, terms)
+
+        while not self.stop_event.is_set():
+            batches: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+            for i, it in enumerate(streams):
+                batch = None if it is None else next(it, None)
+                if batch is None:
+                    streams[i] = None
+                batches.append(batch)
+            if all(b is None or b[0].shape[0] == 0 for b in batches):
+                break
+            inputs, targets, weights, active = stack_batches(batches, device)
+            terms.step = step
+            grads, losses = vmodel.grads_and_losses(
+                current, inputs, targets, weights, extra=extra if use_loss else None
+            )
+            if use_grad:
+                grads = algorithm.gradient(grads, dict(current), terms)
+            all_active = bool(active.all())
+            sgd.step(
+                params, grads, None if all_active else active, source=current if first else None
+            )
+            steps += active
+            loss_sum += torch.where(active, losses.double(), 0.0)
+            current, first = params, False
+            step += 1
+        # Untrained entries (buffers, frozen parameters) come from the global model.
+        vmodel.write_rows(rows, current, x_dev, trained=first)
+        result = LocalResult(
+            model=rows,
+            global_model=x_dev,
+            state=state_flat,
+            server=server_flat,
+            steps=steps.to(torch.float32).view(c, 1),
+            num_samples=torch.tensor(sizes, dtype=torch.float32, device=device).view(c, 1),
+            lr=algorithm.lr,
+            state_is_new=is_new,
+        )
+        update = algorithm.finish(result)
+        if plan.state is not None and update.state:
+            for name, value in update.state.items():
+                values = value.reshape(c, -1).to("cpu", torch.float32)
+                for i, cid in enumerate(cids):
+                    plan.state.views(cid)[name].copy_(values[i])
+        uplinks = {n: t.reshape(c, -1).to("cpu", torch.float32) for n, t in update.uplink.items()}
+        weights_out = {
+            n: (w.reshape(c).tolist() if isinstance(w, torch.Tensor) else [float(w)] * c)
+            for n, w in update.weights.items()
+        }
+        steps_cpu = steps.cpu().tolist()
+        loss_cpu = loss_sum.cpu().tolist()
+        results = []
+        for i, size in enumerate(sizes):
+            metrics = {"steps": float(steps_cpu[i])}
+            if steps_cpu[i] > 0:
+                metrics["train_loss"] = loss_cpu[i] / steps_cpu[i]
+            results.append(
+                ClientResult(
+                    uplink={n: t[i] for n, t in uplinks.items()},
+                    num_samples=size,
+                    weights={n: w[i] for n, w in weights_out.items()},
+                    metrics=metrics,
+                )
+            )
+        return _Chunk(cids, results)
