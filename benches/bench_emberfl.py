@@ -1,8 +1,9 @@
 """emberfl's side of the side-by-side FL benchmark (and the data every framework reads).
 
-Runs emberfl's FedAvg (:mod:`emberfl.algorithms.fedavg`) on the shared workload
-(:mod:`fl_workload`) in one execution mode, timing every round from the server's side
-with a per-phase breakdown (:mod:`emberfl_timing`), and writes one JSON record.
+Runs emberfl's FedAvg (:class:`emberfl.algorithms.FedAvg`, with a
+:class:`emberfl.simulation.Simulation` and the executor of one mode) on the shared workload
+(:mod:`fl_workload`), timing every round from the server's side with a per-phase breakdown
+(:mod:`emberfl_timing`), and writes one JSON record.
 
 Usage:
     python benches/bench_emberfl.py --preset small --mode process --parallelism 2 \\
@@ -18,31 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
 import torch
-from emberfl.algorithms.fedavg_vectorized import (
-    FedAvgVectorizedClientTrainer,
-    FedAvgVectorizedServerHandler,
-)
 
 import emberfl
-from emberfl.algorithms.fedavg import FedAvgBaseServerHandler
 from emberfl.core import StartMethod
 from emberfl.core._process_pool import resolve_start_method
+from emberfl.executors import ClientSetup, Executor, make_executor
+from emberfl.simulation import Simulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from emberfl_timing import (
-    TimedProcessPoolTrainer,
-    TimedSerialTrainer,
-    TimedThreadPoolTrainer,
-    Trainer,
-    run_rounds,
-)
+from emberfl_timing import TimedFedAvg, run_rounds
 from fl_workload import (
     PRESETS,
     InMemoryPartitionedDataset,
@@ -105,48 +96,24 @@ def prepare_data(config: WorkloadConfig, directory: Path) -> Path:
     return directory
 
 
-def _make_trainer(
+def _make_executor(
     mode: str,
-    config: WorkloadConfig,
-    dataset: InMemoryPartitionedDataset,
-    selector: WorkloadModelSelector,
+    setup: ClientSetup,
     parallelism: int,
     threads: int,
-    state_dir: Path,
     chunk_size: int | None = None,
     start_method: StartMethod = "auto",
-) -> Trainer | FedAvgVectorizedClientTrainer:
-    common: dict[str, Any] = {
-        "model_selector": selector,
-        "model_name": config.model,
-        "dataset": dataset,
-        "device": "cpu",
-        "num_clients": config.num_clients,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-        "intra_op_threads": threads,
-    }
-    if mode == "serial":
-        return TimedSerialTrainer(**common)
-    if mode == "thread":
-        return TimedThreadPoolTrainer(num_parallels=parallelism, **common)
+) -> Executor:
+    options: dict[str, Any] = {"intra_op_threads": threads}
     if mode == "process":
         # Conservative: the workers start inside round 1 (as in BlazeFL and Flower), not in
-        # the background during set-up as FedAvgProcessPoolClientTrainer does by default.
-        return TimedProcessPoolTrainer(
-            state_dir=state_dir,
-            num_parallels=parallelism,
-            start_workers=False,
-            start_method=start_method,
-            **common,
-        )
+        # the background during set-up as ``emberfl run`` does.
+        options["start_method"] = start_method
     if mode == "vectorized":  # P chunks at once, in threads
-        return FedAvgVectorizedClientTrainer(
-            chunk_size=chunk_size, num_parallels=parallelism, **common
-        )
-    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        options["chunk_size"] = chunk_size
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return make_executor(mode, setup, parallelism=parallelism, **options)
 
 
 def run_emberfl(
@@ -188,40 +155,27 @@ def run_emberfl(
     data = load_workload_data(data_dir)
     dataset = InMemoryPartitionedDataset(data)
     selector = WorkloadModelSelector(seed=config.seed)
-    server = FedAvgVectorizedServerHandler if mode == "vectorized" else FedAvgBaseServerHandler
-    handler = server(
-        model_selector=selector,
-        model_name=config.model,
-        dataset=dataset,  # type: ignore[arg-type]
-        global_round=config.rounds,
-        num_clients=config.num_clients,
-        sample_ratio=config.sample_ratio,
-        device="cpu",
+    parallelism = 1 if mode == "serial" else parallelism
+    eval_threads = evaluation_threads or parallelism
+    setup = ClientSetup(
+        dataset=dataset,
+        model=selector.select_model(config.model),
         batch_size=config.batch_size,
         seed=config.seed,
     )
-    parallelism = 1 if mode == "serial" else parallelism
-    eval_threads = evaluation_threads or parallelism
-    handler.evaluation_threads = eval_threads
-    with tempfile.TemporaryDirectory(prefix="emberfl-bench-") as state:
-        trainer = _make_trainer(
-            mode,
-            config,
-            dataset,
-            selector,
-            parallelism,
-            threads,
-            Path(state),
-            chunk_size,
-            start_method,
+    executor = _make_executor(mode, setup, parallelism, threads, chunk_size, start_method)
+    algorithm = TimedFedAvg(lr=config.lr, epochs=config.epochs)
+    per_round = max(1, int(config.num_clients * config.sample_ratio))
+    test_loader = dataset.get_dataloader(
+        "test", None, batch_size=config.batch_size, generator=torch.Generator().manual_seed(0)
+    )
+    with Simulation(
+        algorithm, executor, num_clients=config.num_clients, clients_per_round=per_round
+    ) as sim:
+        rounds, breakdown, summary = run_rounds(
+            sim, config.rounds, test_loader, evaluation_threads=eval_threads
         )
-        try:
-            rounds, breakdown, summary = run_rounds(handler, trainer, parallelism)  # type: ignore[arg-type]
-        finally:
-            shutdown = getattr(trainer, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            handler.close()
+        final = sim.global_model()
     record = result_record(
         framework="emberfl",
         framework_version=emberfl.__version__,
@@ -230,7 +184,7 @@ def run_emberfl(
         config=config,
         threads=threads,
         round_seconds=rounds,
-        checksum=model_checksum(handler.model),
+        checksum=model_checksum(final),
         data_dir=data_dir,
         summary=summary,
         breakdown=breakdown,

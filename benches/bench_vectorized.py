@@ -2,7 +2,7 @@
 
 Runs the shared FL workload (:mod:`fl_workload`, default: the ``small`` preset, 100
 clients) in one process, interleaved over ``--repeats``: emberfl's serial trainer (the
-baseline) and :class:`~emberfl.algorithms.FedAvgVectorizedClientTrainer` at each
+baseline) and :class:`~emberfl.contrib.FedAvgVectorizedClientTrainer` at each
 ``--chunk-sizes`` value, for the tutorial CNN, an MLP (McMahan et al.'s "2NN",
 3072-200-200-10) and logistic regression (3072-10), with ``--threads`` PyTorch intra-op
 threads and ``--parallelism`` chunks at once. Only the round loop is timed
@@ -32,11 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_emberfl import RESULTS_DIR, prepare_data
-from emberfl.algorithms.fedavg_vectorized import (
-    FedAvgVectorizedClientTrainer,
-    FedAvgVectorizedServerHandler,
-)
-from emberfl_timing import TimedSerialTrainer, run_rounds
+from emberfl_timing import TimedFedAvg, run_rounds
 from fl_workload import (
     PRESETS,
     InMemoryPartitionedDataset,
@@ -46,7 +42,8 @@ from fl_workload import (
     warm_up_torch,
 )
 
-from emberfl.core import serialize_model
+from emberfl.executors import ClientSetup, SerialExecutor, VectorizedExecutor
+from emberfl.simulation import Simulation
 
 
 class Selector(WorkloadModelSelector):
@@ -86,46 +83,32 @@ def run_once(
     """
     config = PRESETS[preset].replace(model=model)
     selector = Selector(seed=config.seed)
-    handler = FedAvgVectorizedServerHandler(
-        model_selector=selector,
-        model_name=model,
-        dataset=dataset,  # type: ignore[arg-type]
-        global_round=config.rounds,
-        num_clients=config.num_clients,
-        sample_ratio=config.sample_ratio,
-        device="cpu",
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
-    common: dict[str, Any] = {
-        "model_selector": selector,
-        "model_name": model,
-        "dataset": dataset,
-        "device": "cpu",
-        "num_clients": config.num_clients,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-        "intra_op_threads": threads,
-    }
-    trainer: Any = (
-        TimedSerialTrainer(**common)
+    setup = ClientSetup(dataset, selector.select_model(model), config.batch_size, config.seed)
+    executor = (
+        SerialExecutor(setup, intra_op_threads=threads)
         if chunk_size is None
-        else FedAvgVectorizedClientTrainer(
-            chunk_size=chunk_size, num_parallels=parallelism, **common
+        else VectorizedExecutor(
+            setup, chunk_size=chunk_size, num_parallels=parallelism, intra_op_threads=threads
         )
     )
+    per_round = max(1, int(config.num_clients * config.sample_ratio))
+    test_loader = dataset.get_dataloader(
+        "test", None, batch_size=config.batch_size, generator=torch.Generator().manual_seed(0)
+    )
+    algorithm = TimedFedAvg(lr=config.lr, epochs=config.epochs)
     start = time.perf_counter()
-    rounds, breakdown, _ = run_rounds(handler, trainer, 1)
+    with Simulation(
+        algorithm, executor, num_clients=config.num_clients, clients_per_round=per_round
+    ) as sim:
+        rounds, breakdown, _ = run_rounds(sim, config.rounds, test_loader, evaluation_threads=1)
+        params = sim.state.model.clone()
     total = time.perf_counter() - start
     later = breakdown[1:] or breakdown
-    handler.close()
     return {
         "total_s": total,
         "round_s": rounds,
         "local_process_s": statistics.mean(b["local_process_s"] for b in later),
-        "params": serialize_model(handler.model),
+        "params": params,
     }
 
 

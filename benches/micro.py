@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader
 
 import emberfl
 from emberfl.aggregation import weighted_mean
-from emberfl.algorithms.fedavg import FedAvgBaseClientTrainer, FedAvgPartitionType
 from emberfl.arena import ParamArena
+from emberfl.contrib import FedAvgBaseClientTrainer, FedAvgPartitionType
 from emberfl.core import ProcessPoolClientTrainer, SHMHandle, serialize_model
 from emberfl.reproducibility import client_rng_suite, create_rng_suite
 from emberfl.rng import stream

@@ -69,8 +69,10 @@ def test_emberfl_record(data_dir: Path) -> None:
         assert record["data_digest"]
         assert 0.0 <= record["summary"]["server_acc"] <= 1.0
         for row in record["breakdown"]:
-            parts = row["dispatch_s"] + row["local_process_s"] + row["aggregation_s"]
-            assert parts + row["evaluation_s"] == pytest.approx(row["round_s"])
+            parts = row["dispatch_s"] + row["local_process_s"] + row["evaluation_s"]
+            assert parts == pytest.approx(row["round_s"])
+            # Uplinks are folded in while clients train: aggregation is part of the round.
+            assert 0 < row["aggregation_s"] < row["local_process_s"]
             assert row["client_sum_s"] > 0
             assert row["clients"] == TINY.num_clients
     assert thread["parallelism"] == 2

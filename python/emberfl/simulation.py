@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import torch
@@ -81,6 +82,8 @@ class Simulation:
         aggregator: The rule for the main stream (:class:`~emberfl.aggregation.Mean`).
         state: The server state (global model and the algorithm's tensors).
         client_state: The client state store (``None``: the algorithm keeps none).
+        last_timing: Seconds the last round spent folding uplinks into the sums
+            (``fold_s``) and in the aggregator and server update (``server_update_s``).
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Simulation:
             ClientStateStore(spec, backing=state_backing, directory=state_dir) if spec else None
         )
         self._broken: str | None = None
+        self.last_timing: dict[str, float] = {}
 
     @property
     def round(self) -> int:
@@ -208,8 +212,11 @@ class Simulation:
         samples = 0
         done = 0
 
+        fold_s = 0.0
+
         def consume(position: int, cid: int, result: ClientResult) -> None:
-            nonlocal samples, done
+            nonlocal samples, done, fold_s
+            start = time.perf_counter()
             if position != done or cid != plan.cids[done]:
                 raise EmberflError(
                     f"the executor delivered client {cid} at position {position}; expected "
@@ -233,11 +240,13 @@ class Simulation:
             if self.client_state is not None:
                 self.client_state.mark_written(cid)
             done += 1
+            fold_s += time.perf_counter() - start
             if on_result is not None:
                 on_result(position, cid)
 
         try:
             self.executor.run(plan, consume)
+            update_start = time.perf_counter()
             if done != len(cids):
                 raise EmberflError(
                     f"the {self.executor.name} executor returned {done} of the "
@@ -258,6 +267,10 @@ class Simulation:
         aggregate.metrics = {k: v / samples for k, v in totals.items()} if samples else {}
         self.algorithm.server_update(self.state, aggregate)
         self.state.round += 1
+        self.last_timing = {
+            "fold_s": fold_s,
+            "server_update_s": time.perf_counter() - update_start,
+        }
         return {"num_clients": float(len(cids)), "num_samples": float(samples), **aggregate.metrics}
 
     def _sums(self, count: int) -> tuple[dict[str, WeightedSum], dict[str, UpdateSet]]:
