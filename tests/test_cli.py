@@ -364,8 +364,11 @@ def test_real_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_partition_defaults_fit_the_data() -> None:
     config = merge_config(RunConfig(), {"num_clients": 100})
-    assert partition_options(config, 1437) == {"alpha": 0.5, "min_size": 7}
+    assert partition_options(config, 1437) == {"alpha": 0.5, "min_size": 3}
     assert partition_options(RunConfig(), 50_000) == {"alpha": 0.5, "min_size": 10}
+    # 10 samples per client on average (the memory benchmark's 4,000 over 400 clients).
+    crowded = merge_config(RunConfig(), {"num_clients": 400})
+    assert partition_options(crowded, 4000) == {"alpha": 0.5, "min_size": 2}
     shards = merge_config(RunConfig(), {"partition": "shards"})
     assert partition_options(shards, 1437) == {"shards_per_client": 2}
 

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -50,6 +51,7 @@ from torch import nn
 
 from emberfl.aggregation import Aggregator, Mean, UpdateSet, WeightedSum
 from emberfl.algorithms.base import Aggregate, Algorithm, ClientResult, ModelLayout, ServerState
+from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.executors.base import Executor, RoundPlan
@@ -390,6 +392,44 @@ class Simulation:
         self.state.model.copy_(model)
         self.state.round = round_
         self._broken = None
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_tensors` and the round to one safetensors file, atomically.
+
+        A kill while writing leaves the previous file intact.
+
+        Args:
+            path: The file.
+        """
+        from safetensors.torch import save
+
+        info = {"round": self.state.round, "algorithm": self.algorithm.name, "dim": self.layout.dim}
+        blob = save(self.state_tensors(), metadata={"emberfl": json.dumps(info, sort_keys=True)})
+        atomic_write_bytes(path, blob)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore a file written by :meth:`save_checkpoint`.
+
+        Raises:
+            CheckpointError: A missing, corrupt or mismatching file.
+        """
+        from safetensors import safe_open
+
+        tensors = read_tensor_file(path)
+        try:
+            with safe_open(str(path), "pt") as f:
+                info = json.loads((f.metadata() or {})["emberfl"])
+            round_ = info["round"]
+            algorithm = info["algorithm"]
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} is not an emberfl simulation checkpoint ({exc})"
+            ) from None
+        if algorithm != self.algorithm.name:
+            raise CheckpointError(
+                f"{path} was written by algorithm {algorithm!r}, not {self.algorithm.name!r}"
+            )
+        self.load_state_tensors(tensors, round_)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

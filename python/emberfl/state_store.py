@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from emberfl.arena import ArenaHandle, LayoutEntry, ParamArena
+from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.errors import CheckpointError, ConfigError, TensorMismatchError
 
 __all__ = ["ClientStateStore", "StateLocation", "attach_state"]
@@ -257,8 +258,6 @@ class ClientStateStore:
         """
         from safetensors.torch import save
 
-        from emberfl.cli.checkpoint import atomic_write_bytes
-
         atomic_write_bytes(path, save(self.state_tensors()))
 
     def load(self, path: str | os.PathLike[str]) -> None:
@@ -270,9 +269,7 @@ class ClientStateStore:
         Raises:
             CheckpointError: A missing, corrupt or mismatching file.
         """
-        from emberfl.cli.checkpoint import load_model_file
-
-        self.load_state_tensors(load_model_file(path))
+        self.load_state_tensors(read_tensor_file(path))
 
     # -- lifetime ---------------------------------------------------------------------------
     def clear(self) -> None:

@@ -170,7 +170,7 @@ def _run_options() -> list[_RunOption]:
             None,
             "N",
             "smallest client for dirichlet, "
-            "iid-dirichlet, iid-lognormal (default: min(10, train size // (2 x clients)))",
+            "iid-dirichlet, iid-lognormal (default: min(10, train size // (4 x clients)))",
         ),
         (
             "--train-size",

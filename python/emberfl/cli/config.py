@@ -99,9 +99,10 @@ class RunConfig:
         shards_per_client: Shards per client (``shards``; default 2).
         classes_per_client: Classes per client (``label-quantity``; default 2).
         min_size: Smallest client size (``dirichlet``, ``iid-dirichlet``,
-            ``iid-lognormal``; default ``min(10, train size // (2 * num_clients))``).
-        train_size: Use this many training samples, drawn without replacement from the
-            seed's stream before partitioning (``None``: all of them); for quick runs.
+            ``iid-lognormal``; default ``min(10, train size // (4 * num_clients))``).
+        train_size: Use this many training samples (``None``: all of them), for quick
+            runs: drawn without replacement from the seed's stream before partitioning, or,
+            for ``synthetic-cifar10``, generated at that size.
         hidden_sizes: The MLP's hidden widths (``None``: 200, 200); ``mlp`` only.
         num_clients: Clients in the federation.
         rounds: Communication rounds.
@@ -322,7 +323,7 @@ def resolve_device(device: str) -> str:
 def partition_options(config: RunConfig, num_samples: int) -> dict[str, float | int]:
     """Return the keyword options for :func:`emberfl.data.partition`, defaults filled in.
 
-    ``min_size`` defaults to ``min(10, num_samples // (2 * num_clients))`` (at least 1), so
+    ``min_size`` defaults to ``min(10, num_samples // (4 * num_clients))`` (at least 1), so
     the default Dirichlet split works from the 1437 digits to CIFAR's 50,000 samples.
 
     Args:
@@ -338,7 +339,7 @@ def partition_options(config: RunConfig, num_samples: int) -> dict[str, float | 
         if value is None:
             value = default
         if value is None:  # min_size: depends on the data
-            value = max(1, min(10, num_samples // (2 * config.num_clients)))
+            value = max(1, min(10, num_samples // (4 * config.num_clients)))
         options[key] = value
     return options
 

@@ -228,11 +228,16 @@ def _load_data(config: RunConfig) -> FLDataset:
             f"--data-root {config.data_root} is not a folder; pass the folder that holds the "
             f"{config.dataset} files"
         )
+    # A generated data set is generated at the requested size (its samples are i.i.d. and
+    # its classes balanced); the others are subsampled.
+    generate = config.dataset == "synthetic-cifar10" and config.train_size is not None
+    options = {"num_train": config.train_size} if generate else {}
     try:
         data = load_dataset(
             config.dataset,
             data_root=config.data_root if on_disk else None,
             seed=config.seed,
+            **options,
         )
     except ModuleNotFoundError as exc:
         if exc.name != "torchvision":
@@ -240,7 +245,7 @@ def _load_data(config: RunConfig) -> FLDataset:
         raise ConfigError(
             f"data set {config.dataset!r} needs torchvision: pip install 'emberfl[vision]'"
         ) from None
-    if config.train_size is not None:
+    if config.train_size is not None and not generate:
         data = _subsample(data, config.train_size, config.seed)
     return data
 
