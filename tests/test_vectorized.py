@@ -21,6 +21,7 @@ from emberfl.contrib import (
     FedAvgBaseServerHandler,
     FedAvgDownlinkPackage,
     FedAvgPartitionType,
+    FedAvgThreadPoolClientTrainer,
     FedAvgUplinkPackage,
     FedAvgVectorizedClientTrainer,
     FedAvgVectorizedServerHandler,
@@ -57,6 +58,16 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": _mlp,
     "bn": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()),
     "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(108, 5)),
+    "bn-dropout": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(64, 8),
+        nn.Tanh(),
+        nn.Linear(8, 5),
+    ),
 }
 
 
@@ -239,11 +250,48 @@ def test_uplinks_outlive_the_next_round() -> None:
         assert torch.equal(p.model_parameters, k)
 
 
-def test_batchnorm_and_dropout_are_rejected_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"layer '1' \(BatchNorm2d\)"):
-        _vectorized("bn")
-    with pytest.raises(ConfigError, match=r"layer '1' \(Dropout\).*p=0.5"):
-        _vectorized("dropout")
+@pytest.mark.parametrize("model", ["bn", "dropout", "bn-dropout"])
+def test_batchnorm_and_dropout_match_the_serial_trainer(model: str) -> None:
+    """Per-client running statistics, unpadded batch statistics, per-client dropout masks."""
+    want = _rounds(FedAvgBaseClientTrainer(Selector(), model, **COMMON), model, rounds=2)
+    for chunk in (2, None):
+        for parallel in (1, 2):
+            trainer = _vectorized(model, chunk_size=chunk, num_parallels=parallel)
+            _assert_close(_rounds(trainer, model, rounds=2), want, 1e-5)
+    start = serialize_model(Selector().select_model(model))
+    assert not torch.equal(want, start)
+
+
+def test_dropout_masks_come_from_each_clients_stream() -> None:
+    """Thread mode gives the serial bits with dropout, and the masks change the result."""
+    serial = _rounds(FedAvgBaseClientTrainer(Selector(), "dropout", **COMMON), "dropout", 2)
+    again = _rounds(FedAvgBaseClientTrainer(Selector(), "dropout", **COMMON), "dropout", 2)
+    threads = _rounds(
+        FedAvgThreadPoolClientTrainer(Selector(), "dropout", **COMMON, num_parallels=3),
+        "dropout",
+        2,
+    )
+    assert torch.equal(serial, again) and torch.equal(serial, threads)
+    MODELS["no-dropout"] = lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(108, 5))
+    try:
+        plain = _rounds(FedAvgBaseClientTrainer(Selector(), "no-dropout", **COMMON), "no-dropout", 2)
+    finally:
+        del MODELS["no-dropout"]
+    assert not torch.allclose(plain, serial)
+
+
+def test_unsupported_layers_are_rejected_by_name() -> None:
+    MODELS["drop2d"] = lambda: nn.Sequential(nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(108, 5))
+    MODELS["bn-cma"] = lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.Flatten()
+    )
+    try:
+        with pytest.raises(ConfigError, match=r"layer '0' \(Dropout2d\).*p=0.5"):
+            _vectorized("drop2d")
+        with pytest.raises(ConfigError, match=r"layer '1' \(BatchNorm2d\).*momentum=None"):
+            _vectorized("bn-cma")
+    finally:
+        del MODELS["drop2d"], MODELS["bn-cma"]
 
 
 def test_bad_input_gives_clear_errors() -> None:

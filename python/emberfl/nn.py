@@ -20,6 +20,11 @@ trainers and server do this to their own models by default (``fast_layers=True``
 the same, a quarter of the ReLU work); the vectorized execution mode applies both to its
 private copy of the model.
 
+:class:`Dropout` is ``torch.nn.Dropout`` drawing its masks from a generator of its own
+instead of PyTorch's global one: emberfl's executors give each client its own, from the
+client's stream (:func:`set_dropout_generator`), so dropout is reproducible in threads and
+the vectorized mode draws the very same masks (:func:`dropout_mask`).
+
 Example:
     >>> import torch
     >>> from emberfl.nn import MaxPool2d
@@ -40,7 +45,15 @@ from torch._C import _functorch
 
 from emberfl import _core
 
-__all__ = ["MaxPool2d", "pool_before_relu", "use_fast_layers"]
+__all__ = [
+    "Dropout",
+    "MaxPool2d",
+    "dropout_mask",
+    "pool_before_relu",
+    "set_dropout_generator",
+    "use_client_dropout",
+    "use_fast_layers",
+]
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -213,6 +226,90 @@ def use_fast_layers(model: nn.Module) -> int:
     for module, name, child in swaps:
         setattr(module, name, MaxPool2d.from_module(child))
     return len(swaps)
+
+
+def dropout_mask(
+    shape: tuple[int, ...] | torch.Size, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Return the float32 mask ``Dropout`` multiplies by: ``1 / (1 - p)`` kept, 0 dropped.
+
+    An element is kept when ``torch.rand(shape, generator=generator)`` is ``>= p``; the
+    same generator state gives the same mask, in every execution mode.
+
+    Args:
+        shape: The input's shape.
+        p: The probability of dropping an element, ``0 <= p < 1``.
+        generator: A CPU generator (advanced by the draw).
+
+    Returns:
+        A CPU tensor of ``shape``.
+    """
+    keep = torch.rand(shape, generator=generator) >= p
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``torch.nn.Dropout`` whose masks come from :attr:`generator` (see the module).
+
+    Without a generator it behaves exactly as ``torch.nn.Dropout``. ``p = 1`` drops all.
+
+    Attributes:
+        generator: The CPU generator the masks are drawn from, or ``None``.
+    """
+
+    generator: torch.Generator | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Drop elements of ``input`` (training mode only)."""
+        if not self.training or self.p == 0:
+            return input
+        if self.generator is None or self.p >= 1:
+            return F.dropout(input, self.p, True, self.inplace)
+        mask = dropout_mask(tuple(input.shape), self.p, self.generator)
+        return input * mask.to(input.device, input.dtype)
+
+    @classmethod
+    def from_module(cls, module: nn.Dropout) -> Dropout:
+        """Return a :class:`Dropout` with ``module``'s settings."""
+        twin = cls(module.p, module.inplace)
+        twin.train(module.training)
+        return twin
+
+
+def use_client_dropout(model: nn.Module) -> int:
+    """Replace ``model``'s ``torch.nn.Dropout`` submodules by :class:`Dropout`, in place.
+
+    Args:
+        model: The model (its state dict is unchanged: dropout has no state).
+
+    Returns:
+        The number of modules replaced.
+    """
+    swaps = [
+        (module, name, child)
+        for module in model.modules()
+        for name, child in module.named_children()
+        if type(child) is nn.Dropout and not _has_hooks(child)
+    ]
+    for module, name, child in swaps:
+        setattr(module, name, Dropout.from_module(child))
+    return len(swaps)
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> int:
+    """Make every :class:`Dropout` of ``model`` draw from ``generator``.
+
+    Args:
+        model: The model.
+        generator: A CPU generator, or ``None`` for PyTorch's global one.
+
+    Returns:
+        The number of :class:`Dropout` modules.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Dropout)]
+    for layer in layers:
+        layer.generator = generator
+    return len(layers)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -30,6 +30,7 @@ class Purpose(enum.IntEnum):
     SYNTHETIC_DATA = 5
     EVALUATION = 6
     SUBSAMPLE = 7
+    DROPOUT = 8
 
 
 _U64 = (1 << 64) - 1

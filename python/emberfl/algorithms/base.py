@@ -353,6 +353,12 @@ class Client:
         """Return the emberfl stream ``(seed, purpose, cid, round)``."""
         return stream(self.seed, purpose=purpose, client=self.cid, round=self.round)
 
+    def dropout_generator(self) -> torch.Generator:
+        """Return a fresh generator on the stream ``(seed, DROPOUT, cid, round)``: what the
+        client's :class:`emberfl.nn.Dropout` layers draw their masks from."""
+        seed = stream(self.seed, purpose=Purpose.DROPOUT, client=self.cid, round=self.round)
+        return torch.Generator().manual_seed(seed.torch_seed())
+
     def loader(self, split: Split = Split.TRAIN) -> DataLoader[Any]:
         """Return a loader over the client's ``split``, shuffled by the client's generator.
 

@@ -419,6 +419,8 @@ def _fedavg_train(
 ) -> tuple[torch.Tensor, int]:
     """Run FedAvg's local SGD on ``model`` (:func:`~emberfl.algorithms.local_sgd.train_locally`).
 
+    ``cid``, ``round_`` and ``seed`` key the client's dropout stream.
+
     Returns:
         The trained model's flat state and the number of training samples.
     """
@@ -549,7 +551,16 @@ class FedAvgBaseClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAvgDownl
             The client's uplink package.
         """
         params, data_size = _fedavg_train(
-            self.model, model_parameters, train_loader, self.device, self.epochs, self.lr, None
+            self.model,
+            model_parameters,
+            train_loader,
+            self.device,
+            self.epochs,
+            self.lr,
+            None,
+            cid=cid,
+            round_=self.round,
+            seed=self.seed,
         )
         return FedAvgUplinkPackage(cid, params, data_size)
 
@@ -765,6 +776,8 @@ class FedAvgProcessPoolClientTrainer(
             lr=config.lr,
             stop_event=stop_event,
             cid=config.cid,
+            seed=config.seed,
+            round_=config.round,
         )
         if shm_buffer is None or not isinstance(shm_buffer.model_parameters, torch.Tensor):
             raise RuntimeError("shm_buffer must be a pre-allocated shared-memory package")
@@ -798,6 +811,9 @@ class FedAvgProcessPoolClientTrainer(
         lr: float,
         stop_event: threading.Event,
         cid: int,
+        *,
+        seed: int = 0,
+        round_: int = 0,
     ) -> FedAvgProcessPoolUplinkPackage:
         """Train ``model`` from ``model_parameters`` on one client's data.
 
@@ -810,12 +826,23 @@ class FedAvgProcessPoolClientTrainer(
             lr: SGD learning rate.
             stop_event: Stops training between batches once set.
             cid: The client id.
+            seed: The experiment seed (keys the client's dropout stream).
+            round_: The round (keys the client's dropout stream).
 
         Returns:
             The client's package.
         """
         params, data_size = _fedavg_train(
-            model, model_parameters, train_loader, device, epochs, lr, stop_event
+            model,
+            model_parameters,
+            train_loader,
+            device,
+            epochs,
+            lr,
+            stop_event,
+            cid=cid,
+            round_=round_,
+            seed=seed,
         )
         return FedAvgProcessPoolUplinkPackage(cid, params, data_size)
 
@@ -992,7 +1019,16 @@ class FedAvgThreadPoolClientTrainer(
             The client's uplink package.
         """
         params, data_size = _fedavg_train(
-            model, model_parameters, train_loader, device, epochs, lr, stop_event
+            model,
+            model_parameters,
+            train_loader,
+            device,
+            epochs,
+            lr,
+            stop_event,
+            cid=cid,
+            round_=self.round,
+            seed=self.seed,
         )
         return FedAvgUplinkPackage(cid, params, data_size)
 

@@ -8,11 +8,11 @@ model's forward pass runs under :func:`torch.func.vmap` over
 gives every client its own gradient (the clients share no parameter, so the gradient of
 the sum with respect to client ``c``'s slice is client ``c``'s gradient).
 
-The pieces, used by :class:`emberfl.algorithms.FedAvgVectorizedClientTrainer`:
+The pieces, used by :class:`emberfl.executors.VectorizedExecutor`:
 
 * :class:`VectorizedModel` — a model's functional, stacked form: stack flat parameter
-  vectors into per-client tensors, compute per-client gradients of a padded, masked batch,
-  and write the stacked result back into :class:`~emberfl.arena.ParamArena` slots.
+  vectors into per-client tensors, compute per-client gradients of a padded, masked batch
+  (with per-client BatchNorm statistics and dropout masks), and fill the clients' flat rows.
 * :class:`StackedSGD` — ``torch.optim.SGD``'s update (momentum, dampening, Nesterov,
   weight decay) on stacked parameters, with per-client state and a per-client "active"
   mask so that a client with fewer local steps is left untouched on padded steps.
@@ -21,16 +21,20 @@ The pieces, used by :class:`emberfl.algorithms.FedAvgVectorizedClientTrainer`:
   a short last batch averages its loss over its real samples only, as ``mean`` does).
 * :func:`check_vectorizable` / :func:`check_homogeneous` — the clear errors.
 
-Which layers work: everything :func:`torch.func.vmap` supports whose training-mode output
-for one sample does not depend on the other samples of the batch and that keeps no
-running state: ``Linear``, ``Conv1d/2d/3d`` (and transposed), ``Embedding``, pooling,
-activations, ``Flatten``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm`` without running
-statistics. Rejected with a :class:`~emberfl.errors.ConfigError` naming the layer:
-``BatchNorm*`` / ``SyncBatchNorm`` / ``InstanceNorm(track_running_stats=True)`` (batch
-statistics would include the padding, and running statistics are per-client state this
-mode does not carry) and ``Dropout*`` with ``p > 0`` (its masks would come from PyTorch's
-global generator, not from each client's stream, so runs would not match the per-client
-modes).
+Which layers work: everything :func:`torch.func.vmap` supports, plus the two layers FL
+models most often have that keep or draw per-client state:
+
+* ``BatchNorm1d/2d/3d``: each client keeps its own running statistics (they are part of its
+  flat state, updated by the forward pass), and a step never mixes batches of different
+  sizes, so batch statistics never see padding (the executor runs such steps per size);
+* ``Dropout``: each client's masks come from its own stream
+  (:meth:`~emberfl.algorithms.Client.dropout_generator`), drawn in the order a per-client
+  forward pass draws them, so they are the masks :class:`emberfl.nn.Dropout` draws in the
+  per-client modes.
+
+Rejected with a :class:`~emberfl.errors.ConfigError` naming the layer: ``SyncBatchNorm``,
+BatchNorm with ``momentum=None``, ``InstanceNorm(track_running_stats=True)`` and dropout
+variants other than ``Dropout`` (``Dropout2d``, ``AlphaDropout``, ...) with ``p > 0``.
 
 On CPU, convolutions with per-client weights are computed client by client inside the
 vmapped forward (``conv="loop"``, one small cache-resident oneDNN call per client; the
@@ -85,21 +89,31 @@ def _per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> t
 def check_vectorizable(model: nn.Module) -> None:
     """Raise if ``model`` has a layer that vectorized training cannot run exactly.
 
+    BatchNorm (each client keeps its own running statistics, and a step never mixes
+    clients' batches) and ``Dropout`` (each client draws its masks from its own stream)
+    are supported.
+
     Args:
         model: The model (its class and submodules are inspected, not run).
 
     Raises:
-        ConfigError: For a batch-norm layer, an instance-norm layer with running
-            statistics or a dropout layer with ``p > 0``; the message names the layer.
+        ConfigError: For ``SyncBatchNorm``, a BatchNorm with ``momentum=None``, an
+            instance-norm layer with running statistics or a dropout variant other than
+            ``Dropout`` with ``p > 0``; the message names the layer.
     """
+    from emberfl.nn import Dropout as ClientDropout
+
     for name, module in model.named_modules():
         where = f"layer {name or '<root>'!r} ({type(module).__name__})"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.SyncBatchNorm):
             raise ConfigError(
-                f"{where}: BatchNorm is not supported by vectorized training (its batch "
-                "statistics would include padded samples and its running statistics are "
-                "per-client state); use GroupNorm/LayerNorm or a per-client mode "
-                "(serial, thread, process)"
+                f"{where}: SyncBatchNorm synchronises statistics across processes; use "
+                "BatchNorm (each client keeps its own statistics) or a per-client mode"
+            )
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            raise ConfigError(
+                f"{where}: BatchNorm with momentum=None (a cumulative average) is not "
+                "supported by vectorized training; set a momentum or use a per-client mode"
             )
         if isinstance(module, nn.modules.instancenorm._InstanceNorm) and (
             module.track_running_stats
@@ -109,12 +123,16 @@ def check_vectorizable(model: nn.Module) -> None:
                 "running statistics, which vectorized training does not support; set "
                 "track_running_stats=False or use a per-client mode"
             )
-        if isinstance(module, nn.modules.dropout._DropoutNd | nn.AlphaDropout) and module.p > 0:
+        plain = type(module) in (nn.Dropout, ClientDropout)
+        if (
+            isinstance(module, nn.modules.dropout._DropoutNd | nn.AlphaDropout)
+            and not plain
+            and module.p > 0
+        ):
             raise ConfigError(
-                f"{where}: Dropout with p={module.p} draws its masks from PyTorch's global "
-                "generator, not from each client's stream, so vectorized training could "
-                "not reproduce the per-client modes; remove it (p=0) or use a per-client "
-                "mode"
+                f"{where}: {type(module).__name__} with p={module.p} is not supported by "
+                "vectorized training (only element-wise Dropout draws per-client masks); "
+                "use Dropout, p=0, or a per-client mode"
             )
 
 
@@ -239,6 +257,51 @@ def _swap_convs(module: nn.Module) -> None:
             _swap_convs(child)
 
 
+# -- dropout with per-client masks ---------------------------------------------------------
+
+
+class _StackedDropout(nn.Module):
+    """Dropout whose mask is a buffer: each client's own mask arrives through
+    :func:`~torch.func.functional_call` under vmap (drawn from its stream by the executor)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.register_buffer("mask", torch.ones(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask: torch.Tensor = self.mask  # type: ignore[assignment]
+        return x * mask
+
+
+def _swap_dropouts(module: nn.Module) -> None:
+    from emberfl.nn import Dropout as ClientDropout
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.Dropout) and type(child) in (nn.Dropout, ClientDropout):
+            if child.p > 0:
+                setattr(module, name, _StackedDropout(child.p))
+        else:
+            _swap_dropouts(child)
+
+
+@dataclass(frozen=True)
+class DropoutCall:
+    """One dropout layer of a forward pass, in call order.
+
+    Attributes:
+        key: The name of its mask in the ``functional_call`` dict.
+        p: Its drop probability.
+        shape: One sample's input shape at that layer.
+    """
+
+    key: str
+    p: float
+    shape: tuple[int, ...]
+
+
 # -- the stacked model -----------------------------------------------------------------------
 
 
@@ -248,21 +311,29 @@ class _Entry:
     shape: tuple[int, ...]
     offset: int
     numel: int
-    trainable: bool
+    kind: Literal["param", "stat", "count", "fixed"]
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind == "param"
 
 
 class VectorizedModel:
     """A model's stacked, functional form for training ``C`` clients at once.
 
     Parameters are handled as ``name -> (C, *shape)`` tensors; the flat layout is
-    :func:`~emberfl.core.serialize_model`'s (the state dict's order), which is also
-    :class:`~emberfl.arena.ParamArena`'s layout for a model with only floating-point state.
-    Buffers and frozen parameters are shared by all clients and never change. Not
-    thread-safe: give each thread its own :meth:`replica`.
+    :func:`~emberfl.core.serialize_model`'s (the state dict's order). Trainable parameters
+    and BatchNorm running statistics are per client (the statistics are updated by the
+    forward pass, in place in the clients' rows); a BatchNorm's ``num_batches_tracked`` is
+    the global value plus the client's steps; other buffers and frozen parameters are
+    shared by all clients and never change. Not thread-safe: give each thread its own
+    :meth:`replica`.
 
     Attributes:
         names: The trainable parameters' state-dict names, in order.
         dim: Elements in one client's flat state.
+        has_batch_stats: Whether a layer normalises with batch statistics (BatchNorm):
+            then a step must not mix batches of different sizes (no padding).
     """
 
     def __init__(
@@ -283,7 +354,8 @@ class VectorizedModel:
 
         Raises:
             ConfigError: For an unsupported layer (:func:`check_vectorizable`), an
-                unknown ``conv`` mode, or a state entry that is not a floating-point tensor.
+                unknown ``conv`` mode, or an integer state entry other than a BatchNorm's
+                ``num_batches_tracked``.
         """
         check_vectorizable(model)
         if conv not in ("auto", "loop", "grouped"):
@@ -299,24 +371,42 @@ class VectorizedModel:
             _swap_convs(self._module)
         # Same values and gradients as torch.nn.MaxPool2d, several times faster on CPU.
         use_fast_layers(self._module)
+        _swap_dropouts(self._module)
         self._loss_fn: LossFn = loss_fn or _per_sample_cross_entropy
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        stats, counts = set(), set()
+        for name, sub in model.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.track_running_stats:
+                prefix = f"{name}." if name else ""
+                stats |= {f"{prefix}running_mean", f"{prefix}running_var"}
+                counts.add(f"{prefix}num_batches_tracked")
         entries: list[_Entry] = []
         offset = 0
         for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
+            kind: Literal["param", "stat", "count", "fixed"] = "fixed"
+            if name in trainable:
+                kind = "param"
+            elif name in stats:
+                kind = "stat"
+            elif name in counts:
+                kind = "count"
+            elif not tensor.is_floating_point():
                 raise ConfigError(
                     f"state entry {name!r} is a {tensor.dtype} tensor; vectorized training "
-                    "stores every client's state as float32 arena slots, so it needs a "
-                    "model whose state is all floating point"
+                    "keeps every client's state as float32, so only BatchNorm's "
+                    "num_batches_tracked may be an integer"
                 )
             numel = tensor.numel()
             shape = tuple(int(s) for s in tensor.shape)
-            entries.append(_Entry(name, shape, offset, numel, name in trainable))
+            entries.append(_Entry(name, shape, offset, numel, kind))
             offset += numel
         self._entries = tuple(entries)
         self.names: tuple[str, ...] = tuple(e.name for e in entries if e.trainable)
         self.dim = offset
+        self.has_batch_stats = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self._module.modules()
+        )
+        self._dropout_calls: dict[tuple[int, ...], tuple[DropoutCall, ...]] = {}
 
     @property
     def module(self) -> nn.Module:
@@ -447,15 +537,21 @@ class VectorizedModel:
         targets: torch.Tensor,
         weights: torch.Tensor,
         *,
+        stats: Mapping[str, torch.Tensor] | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
         extra: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] | None = None,
     ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
-        """Like :meth:`grads`, with an optional extra loss term; also return the losses.
+        """Like :meth:`grads`, with per-client statistics, dropout masks and an extra term.
 
         Args:
             params: ``name -> (C, *shape)`` stacked parameters (not modified).
             inputs: ``(C, B, ...)`` inputs.
             targets: ``(C, B, ...)`` targets.
             weights: ``(C, B)`` per-sample loss weights (0 for padding).
+            stats: ``name -> (C, *shape)`` BatchNorm running statistics, updated in place
+                by the forward pass; they must be contiguous (an in-place update under
+                vmap does not reach a strided view such as :meth:`stat_views`).
+            masks: ``key -> (C, B, *shape)`` dropout masks (:meth:`dropout_calls`).
             extra: ``leaves -> scalar`` added to the summed loss (differentiated with it):
                 the sum over clients of a per-client term, e.g. FedProx's proximal term.
 
@@ -463,14 +559,17 @@ class VectorizedModel:
             The gradients, and each client's weighted data loss ``(C,)`` (detached).
         """
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        side = {**(stats or {}), **(masks or {})}
         module = self._module
 
-        def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = functional_call(module, p, (x,), strict=False)
+        def forward(
+            p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor
+        ) -> torch.Tensor:
+            out: torch.Tensor = functional_call(module, {**p, **b}, (x,), strict=False)
             return out
 
         with torch.enable_grad():
-            outputs = vmap(forward)(leaves, inputs)
+            outputs = vmap(forward)(leaves, side, inputs)
             c, b = weights.shape
             losses = self._loss_fn(
                 outputs.reshape(c * b, *outputs.shape[2:]), targets.flatten(0, 1)
@@ -483,6 +582,108 @@ class VectorizedModel:
                     total = total + term
             grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
         return dict(zip(leaves, grads, strict=True)), per_client.detach()
+
+    def stat_views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the BatchNorm running statistics inside ``rows`` as stacked views.
+
+        Args:
+            rows: A ``(C, dim)`` tensor.
+
+        Returns:
+            ``name -> (C, *shape)`` views (empty for a model without BatchNorm).
+        """
+        c = rows.shape[0]
+        return {
+            e.name: rows[:, e.offset : e.offset + e.numel].view(c, *e.shape)
+            for e in self._entries
+            if e.kind == "stat"
+        }
+
+    def dropout_calls(self, sample_shape: tuple[int, ...]) -> tuple[DropoutCall, ...]:
+        """Return the dropout layers a forward pass of one sample runs, in order.
+
+        Args:
+            sample_shape: One input sample's shape.
+
+        Returns:
+            One :class:`DropoutCall` per layer (empty for a model without dropout).
+
+        Raises:
+            ConfigError: If a dropout layer runs more than once per forward pass.
+        """
+        cached = self._dropout_calls.get(sample_shape)
+        if cached is not None:
+            return cached
+        layers = {m: n for n, m in self._module.named_modules() if isinstance(m, _StackedDropout)}
+        calls: list[DropoutCall] = []
+        if layers:
+            handles = [
+                m.register_forward_pre_hook(
+                    lambda mod, args: calls.append(
+                        DropoutCall(f"{layers[mod]}.mask", mod.p, tuple(args[0].shape[1:]))
+                    )
+                )
+                for m in layers
+            ]
+            self._module.eval()
+            try:
+                with torch.no_grad():
+                    self._module(torch.zeros((1, *sample_shape), device=self.device))
+            finally:
+                self._module.train()
+                for h in handles:
+                    h.remove()
+            keys = [call.key for call in calls]
+            if len(set(keys)) != len(keys):
+                raise ConfigError(
+                    "a Dropout layer runs more than once per forward pass, which vectorized "
+                    "training does not support; give each use its own layer"
+                )
+        result = tuple(calls)
+        self._dropout_calls[sample_shape] = result
+        return result
+
+    def init_rows(self, rows: torch.Tensor, global_flat: torch.Tensor) -> None:
+        """Write every entry but the trainable parameters of the global model into ``rows``.
+
+        Args:
+            rows: A ``(C, dim)`` tensor (one row per client).
+            global_flat: The flat global state.
+        """
+        c = rows.shape[0]
+        with torch.no_grad():
+            for e in self._entries:
+                if not e.trainable:
+                    src = global_flat[e.offset : e.offset + e.numel]
+                    rows[:, e.offset : e.offset + e.numel].copy_(
+                        src.unsqueeze(0).expand(c, e.numel)
+                    )
+
+    def finish_rows(
+        self,
+        rows: torch.Tensor,
+        global_flat: torch.Tensor,
+        steps: torch.Tensor,
+        *,
+        trained: bool,
+    ) -> None:
+        """Complete ``rows`` after training: step counts, and parameters never trained.
+
+        Args:
+            rows: The clients' rows (parameters and statistics as training left them).
+            global_flat: The flat global state.
+            steps: ``(C,)`` local steps per client.
+            trained: Whether any step ran (if not, the parameters are the global ones).
+        """
+        c = rows.shape[0]
+        with torch.no_grad():
+            for e in self._entries:
+                dst = rows[:, e.offset : e.offset + e.numel]
+                src = global_flat[e.offset : e.offset + e.numel].unsqueeze(0).expand(c, e.numel)
+                if e.kind == "count":
+                    dst.copy_(src + steps.to(dst.dtype).view(c, 1))
+                elif e.trainable and not trained:
+                    dst.copy_(src)
 
     def write_rows(
         self,
@@ -497,7 +698,7 @@ class VectorizedModel:
         Entries that are not trained (buffers, frozen parameters) get the global values.
 
         Args:
-            rows: A ``(C, dim)`` float32 tensor (a view of consecutive arena slots).
+            rows: A ``(C, dim)`` float32 tensor.
             params: ``name -> (C, *shape)`` stacked parameters.
             global_flat: The flat global state (for the untrained entries).
             trained: Also write the trained entries (``False``: they are already there,
@@ -585,6 +786,9 @@ class StackedSGD:
     ) -> None:
         """Update ``params`` in place (or write ``source`` updated into ``params``).
 
+        Inactive clients are left exactly as they were: their coefficients are zero (and
+        their momentum factor one), so no temporary of the parameters' size is made.
+
         Args:
             params: ``name -> (C, *shape)`` stacked parameters (any strides, e.g. views
                 of arena slots).
@@ -604,24 +808,29 @@ class StackedSGD:
                     if cur is not p:
                         p.copy_(cur)
                     continue
-                mask = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))
+                on = None
+                if active is not None:
+                    on = active.view(-1, *([1] * (p.dim() - 1))).to(p.dtype)
                 d = g.add(cur, alpha=self.weight_decay) if self.weight_decay != 0 else g
                 if self.momentum != 0:
                     buf = self._bufs.get(name)
                     if buf is None:
-                        new_buf = d.clone()
+                        buf = d.clone()
+                    elif on is None:
+                        buf.mul_(self.momentum).add_(d, alpha=1 - self.dampening)
                     else:
-                        new_buf = buf.mul(self.momentum).add_(d, alpha=1 - self.dampening)
-                        if mask is not None:
-                            new_buf = torch.where(mask, new_buf, buf)
-                    self._bufs[name] = new_buf
-                    d = d.add(new_buf, alpha=self.momentum) if self.nesterov else new_buf
-                if mask is None and cur is p:
+                        buf.mul_(on * (self.momentum - 1) + 1)  # momentum, or 1 when off
+                        buf.addcmul_(d, on * (1 - self.dampening))
+                    self._bufs[name] = buf
+                    d = d.add(buf, alpha=self.momentum) if self.nesterov else buf
+                if on is None and cur is p:
                     p.add_(d, alpha=-self.lr)
-                elif mask is None:
+                elif on is None:
                     torch.add(cur, d, alpha=-self.lr, out=p)
+                elif cur is p:
+                    p.addcmul_(d, on * -self.lr)
                 else:
-                    p.copy_(torch.where(mask, cur.add(d, alpha=-self.lr), cur))
+                    torch.addcmul(cur, d, on * -self.lr, out=p)
 
 
 # -- batches ------------------------------------------------------------------------------

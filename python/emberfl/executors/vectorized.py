@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,9 +37,10 @@ from emberfl.algorithms.base import ClientResult, iter_epochs
 from emberfl.algorithms.local_sgd import LocalResult, LocalSGD, Terms, shaped
 from emberfl.core.heap import retain_freed_memory
 from emberfl.core.intra_op import intra_op_threads
-from emberfl.core.vectorized import ConvMode, VectorizedModel, stack_batches
+from emberfl.core.vectorized import ConvMode, DropoutCall, VectorizedModel, stack_batches
 from emberfl.errors import ClientError, ConfigError
 from emberfl.executors.base import ClientSetup, Consume, Executor, RoundPlan, check_result
+from emberfl.nn import dropout_mask
 
 __all__ = ["DEFAULT_CPU_CHUNK", "VectorizedExecutor", "default_chunk_size"]
 
@@ -66,6 +67,49 @@ def default_chunk_size(num_clients: int, num_parallels: int, limit: int = DEFAUL
     chunks = -(-num_clients // limit)
     chunks = -(-chunks // num_parallels) * num_parallels
     return max(1, -(-num_clients // chunks))
+
+
+def _masks(
+    calls: tuple[DropoutCall, ...],
+    batches: list[tuple[torch.Tensor, torch.Tensor] | None],
+    clients: Iterable[int],
+    width: int,
+    rngs: list[torch.Generator],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Each client's dropout masks for one step, drawn from its own generator in the order a
+    per-client forward pass draws them, padded to ``width`` samples (no draw for padding)."""
+    if not calls:
+        return {}
+    order = list(clients)
+    out = {
+        call.key: torch.zeros((len(order), width, *call.shape), dtype=torch.float32)
+        for call in calls
+    }
+    for row, i in enumerate(order):
+        batch = batches[i]
+        if batch is None:
+            continue
+        n = int(batch[0].shape[0])
+        for call in calls:
+            out[call.key][row, :n] = dropout_mask((n, *call.shape), call.p, rngs[i])
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _select_terms(terms: Terms, index: torch.Tensor) -> Terms:
+    """``terms`` with the per-client state of the clients in ``index`` only."""
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v.index_select(0, index) for k, v in value.items()}
+        return value.index_select(0, index)
+
+    return Terms(
+        global_params=terms.global_params,
+        state={n: pick(v) for n, v in terms.state.items()},
+        server=terms.server,
+        step=terms.step,
+    )
 
 
 @dataclass
@@ -238,13 +282,18 @@ class VectorizedExecutor(Executor):
         clients = [self.client(plan, cid, vmodel.module, state={}) for cid in cids]
         sizes = [cl.num_samples for cl in clients]
         streams: list[Iterator[Any] | None] = [iter_epochs(cl, algorithm.epochs) for cl in clients]
+        dropout_rngs = [cl.dropout_generator() for cl in clients]
         x_dev = x.to(device)
-        # The clients' parameters live in ``rows`` (one row per client, flat layout): the
-        # first step reads the global model through stride-0 views and writes the rows,
-        # later steps update them in place.
+        # The clients' state lives in ``rows`` (one row per client, flat layout): the
+        # first step reads the global parameters through stride-0 views and writes the
+        # rows, later steps update them in place; BatchNorm statistics are updated in
+        # place by the forward pass.
         rows = torch.empty((c, layout.dim), dtype=torch.float32, device=device)
+        vmodel.init_rows(rows, x_dev)
         current = vmodel.broadcast(x_dev, c)
         params = vmodel.row_views(rows)
+        # Contiguous copies: an in-place update under vmap would miss a strided view.
+        stats = {n: t.clone() for n, t in vmodel.stat_views(rows).items()}
         state_flat: dict[str, torch.Tensor] = {}
         is_new = torch.ones((c, 1), dtype=torch.bool, device=device)
         if plan.state is not None:
@@ -267,26 +316,21 @@ class VectorizedExecutor(Executor):
         loss_sum = torch.zeros(c, dtype=torch.float64, device=device)
         first = True
         step = 0
-
-        def extra(leaves: dict[str, torch.Tensor]) -> torch.Tensor | None:
-            return algorithm.loss_term(leaves, terms)
-
         while not self.stop_event.is_set():
             batches: list[tuple[torch.Tensor, torch.Tensor] | None] = []
             for i, it in enumerate(streams):
                 batch = None if it is None else next(it, None)
                 if batch is None:
                     streams[i] = None
-                batches.append(batch)
-            if all(b is None or b[0].shape[0] == 0 for b in batches):
+                batches.append(batch if batch is None or batch[0].shape[0] > 0 else None)
+            if all(b is None for b in batches):
                 break
-            inputs, targets, weights, active = stack_batches(batches, device)
             terms.step = step
-            grads, losses = vmodel.grads_and_losses(
-                current, inputs, targets, weights, extra=extra if use_loss else None
+            grads, losses, active = self._step_grads(
+                vmodel, algorithm, batches, current, stats, terms, dropout_rngs, use_loss
             )
             if use_grad:
-                grads = algorithm.gradient(grads, dict(current), terms)
+                grads = algorithm.gradient(grads, dict(current), terms)  # (C, *shape) each
             all_active = bool(active.all())
             sgd.step(
                 params, grads, None if all_active else active, source=current if first else None
@@ -295,8 +339,9 @@ class VectorizedExecutor(Executor):
             loss_sum += torch.where(active, losses.double(), 0.0)
             current, first = params, False
             step += 1
-        # Untrained entries (buffers, frozen parameters) come from the global model.
-        vmodel.write_rows(rows, current, x_dev, trained=first)
+        for name, view in vmodel.stat_views(rows).items():
+            view.copy_(stats[name])
+        vmodel.finish_rows(rows, x_dev, steps, trained=not first)
         result = LocalResult(
             model=rows,
             global_model=x_dev,
@@ -334,3 +379,71 @@ class VectorizedExecutor(Executor):
                 )
             )
         return _Chunk(cids, results)
+
+    @staticmethod
+    def _step_grads(
+        vmodel: VectorizedModel,
+        algorithm: LocalSGD,
+        batches: list[tuple[torch.Tensor, torch.Tensor] | None],
+        current: dict[str, torch.Tensor],
+        stats: dict[str, torch.Tensor],
+        terms: Terms,
+        dropout_rngs: list[torch.Generator],
+        use_loss: bool,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, torch.Tensor]:
+        """One step's gradients of every client of the chunk: ``(grads, losses, active)``.
+
+        Clients are padded to one batch width, except for models with batch statistics
+        (BatchNorm), where clients with different batch sizes run in separate groups so
+        that no statistic sees a padded sample.
+        """
+        device = vmodel.device
+        c = len(batches)
+        present = [i for i, b in enumerate(batches) if b is not None]
+        sample = tuple(batches[present[0]][0].shape[1:])  # type: ignore[index]
+        calls = vmodel.dropout_calls(sample)
+        if vmodel.has_batch_stats:
+            by_size: dict[int, list[int]] = {}
+            for i in present:
+                by_size.setdefault(int(batches[i][0].shape[0]), []).append(i)  # type: ignore[index]
+            groups = list(by_size.values())
+        else:
+            groups = [list(range(c))]
+        if len(groups) == 1 and len(groups[0]) == c:
+            inputs, targets, weights, active = stack_batches(batches, device)
+            masks = _masks(calls, batches, range(c), int(inputs.shape[1]), dropout_rngs, device)
+            extra = (lambda leaves: algorithm.loss_term(leaves, terms)) if use_loss else None
+            grads, losses = vmodel.grads_and_losses(
+                current, inputs, targets, weights, stats=stats, masks=masks, extra=extra
+            )
+            return grads, losses, active
+        full: dict[str, torch.Tensor | None] = {
+            n: torch.zeros((c, *t.shape[1:]), dtype=t.dtype, device=device)
+            for n, t in current.items()
+        }
+        losses = torch.zeros(c, dtype=torch.float32, device=device)
+        active = torch.zeros(c, dtype=torch.bool, device=device)
+        used: set[str] = set()
+        for group in groups:
+            index = torch.tensor(group, dtype=torch.int64, device=device)
+            sub = [batches[i] for i in group]
+            inputs, targets, weights, _ = stack_batches(sub, device)
+            masks = _masks(calls, batches, group, int(inputs.shape[1]), dropout_rngs, device)
+            params = {n: t.index_select(0, index) for n, t in current.items()}
+            sub_stats = {n: t.index_select(0, index) for n, t in stats.items()}
+            extra = None
+            if use_loss:
+                sub_terms = _select_terms(terms, index)
+                extra = lambda leaves, st=sub_terms: algorithm.loss_term(leaves, st)  # noqa: E731
+            grads, group_losses = vmodel.grads_and_losses(
+                params, inputs, targets, weights, stats=sub_stats, masks=masks, extra=extra
+            )
+            for n, g in grads.items():
+                if g is not None:
+                    full[n].index_copy_(0, index, g)  # type: ignore[union-attr]
+                    used.add(n)
+            for n, t in sub_stats.items():
+                stats[n].index_copy_(0, index, t)
+            losses.index_copy_(0, index, group_losses)
+            active[index] = True
+        return {n: (t if n in used else None) for n, t in full.items()}, losses, active
