@@ -49,6 +49,11 @@ DEFAULT_CPU_CHUNK = 32
 elsewhere). The round is split into equal chunks of at most this many clients, and into a
 multiple of ``num_parallels`` chunks so that the threads get equal work
 (:func:`default_chunk_size`; ``benches/bench_vectorized.py`` measures the scaling)."""
+CPU_CHUNK_BYTES = 128 << 20
+"""On the CPU, a default chunk also holds at most this many bytes of stacked parameters:
+each step streams the chunk's parameters, gradients and optimiser state through memory,
+so a chunk of large models gains nothing over fewer clients at once and falls out of the
+caches."""
 
 
 def default_chunk_size(num_clients: int, num_parallels: int, limit: int = DEFAULT_CPU_CHUNK) -> int:
@@ -204,8 +209,11 @@ class VectorizedExecutor(Executor):
         x = plan.broadcast["model"].detach().reshape(-1).to(torch.float32)
         self._vmodel.stack(x, 1)  # validates the layout before any work
         on_cpu = self._vmodel.device.type == "cpu"
+        limit = max(1, min(DEFAULT_CPU_CHUNK, CPU_CHUNK_BYTES // (4 * plan.layout.dim)))
         chunk = self.chunk_size or (
-            default_chunk_size(len(plan.cids), self.num_parallels) if on_cpu else len(plan.cids)
+            default_chunk_size(len(plan.cids), self.num_parallels, limit)
+            if on_cpu
+            else len(plan.cids)
         )
         if on_cpu and self.retain_memory:
             retain_freed_memory()
