@@ -112,6 +112,15 @@ PRESETS: dict[str, WorkloadConfig] = {
     "paper": WorkloadConfig(num_train=50_000, num_test=10_000, num_clients=100, rounds=5, epochs=5),
     # Same shape, two CPU cores: 100 clients of 50 images, one epoch, three rounds.
     "small": WorkloadConfig(num_train=5_000, num_test=1_000, num_clients=100, rounds=3, epochs=1),
+    # Cross-device: 1,000 clients of 20 images, 10 of them per round, 20 rounds.
+    "cross-device": WorkloadConfig(
+        num_train=20_000,
+        num_test=1_000,
+        num_clients=1_000,
+        rounds=20,
+        epochs=1,
+        sample_ratio=0.01,
+    ),
     # For the smoke test: seconds.
     "tiny": WorkloadConfig(num_train=200, num_test=100, num_clients=4, rounds=2, epochs=1),
 }

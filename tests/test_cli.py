@@ -278,6 +278,12 @@ BAD_OPTIONS = [
     (["--dataset", "cifar10"], 2, "--data-root"),
     (["--dataset", "mnist", "--data-root", "{tmp}/missing"], 2, "is not a folder"),
     (["--dataset", "mnist", "--data-root", "{tmp}"], 1, "not found under"),
+    (["--train-size", "4Q"], 2, "is not a count"),
+    (["--train-size", "0"], 2, "not a positive whole count"),
+    (["--train-size", "5000"], 2, "larger than digits's 1437 training samples"),
+    (["--hidden-sizes", "20,x"], 2, "comma-separated list of widths"),
+    (["--hidden-sizes", "0"], 2, "every width must be >= 1"),
+    (["--model", "small-cnn", "--hidden-sizes", "64"], 2, "does not use it"),
 ]
 
 
@@ -397,3 +403,39 @@ def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_train_size_and_hidden_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), *TINY, "--train-size", "0.3K", "--hidden-sizes", "24,12"]
+    assert run_cli(*argv, "--quiet") == 0
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert saved["train_size"] == 300 and saved["hidden_sizes"] == [24, 12]
+    counts = (out / "partition.csv").read_text().splitlines()[1:]
+    assert sum(int(x) for row in counts for x in row.split(",")[1:-1]) == 300
+    state = load_file(str(out / "final_model.safetensors"))
+    assert [tuple(t.shape) for k, t in state.items() if k.endswith("weight")] == [
+        (24, 64),
+        (12, 24),
+        (10, 12),
+    ]
+    again = tmp_path / "again"  # the same seed draws the same 300 samples
+    assert run_cli(*[a if a != str(out) else str(again) for a in argv], "--quiet") == 0
+    assert (again / "partition.csv").read_text() == (out / "partition.csv").read_text()
+    config = tmp_path / "c.toml"
+    config.write_text("hidden_sizes = [7]\ntrain_size = 200\n")
+    third = tmp_path / "third"
+    assert main(["run", "--config", str(config), "--output-dir", str(third), *TINY, "-q"]) == 0
+    assert load_file(str(third / "final_model.safetensors"))["layers.1.weight"].shape == (7, 64)
+
+
+def test_run_help_lists_every_algorithm_with_its_summary(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from emberfl.algorithms import ALGORITHMS
+
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "algorithms (--algorithm):" in out
+    for name, cls in ALGORITHMS.items():
+        assert any(line.split() == [name, *cls.summary.split()] for line in out.splitlines())

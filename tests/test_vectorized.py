@@ -274,7 +274,9 @@ def test_dropout_masks_come_from_each_clients_stream() -> None:
     assert torch.equal(serial, again) and torch.equal(serial, threads)
     MODELS["no-dropout"] = lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(108, 5))
     try:
-        plain = _rounds(FedAvgBaseClientTrainer(Selector(), "no-dropout", **COMMON), "no-dropout", 2)
+        plain = _rounds(
+            FedAvgBaseClientTrainer(Selector(), "no-dropout", **COMMON), "no-dropout", 2
+        )
     finally:
         del MODELS["no-dropout"]
     assert not torch.allclose(plain, serial)
