@@ -216,15 +216,20 @@ def use_fast_layers(model: nn.Module) -> int:
     Returns:
         The number of modules replaced.
     """
+    return _swap(model, nn.MaxPool2d, MaxPool2d.from_module)
+
+
+def _swap(model: nn.Module, kind: type[nn.Module], make: Any) -> int:
+    """Replace every submodule of exactly type ``kind`` by ``make(submodule)``."""
     swaps = [
         (module, name, child)
         for module in model.modules()
         for name, child in module.named_children()
         # A module with hooks is left alone: they are attached to that object.
-        if type(child) is nn.MaxPool2d and not _has_hooks(child)
+        if type(child) is kind and not _has_hooks(child)
     ]
     for module, name, child in swaps:
-        setattr(module, name, MaxPool2d.from_module(child))
+        setattr(module, name, make(child))
     return len(swaps)
 
 
@@ -285,15 +290,7 @@ def use_client_dropout(model: nn.Module) -> int:
     Returns:
         The number of modules replaced.
     """
-    swaps = [
-        (module, name, child)
-        for module in model.modules()
-        for name, child in module.named_children()
-        if type(child) is nn.Dropout and not _has_hooks(child)
-    ]
-    for module, name, child in swaps:
-        setattr(module, name, Dropout.from_module(child))
-    return len(swaps)
+    return _swap(model, nn.Dropout, Dropout.from_module)
 
 
 def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> int:

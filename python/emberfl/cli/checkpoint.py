@@ -221,21 +221,9 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         tensors_digest = state.get("tensors_sha256")
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(state_path, f"missing or malformed field {exc}") from None
-    if round_ < 0 or len(metrics) != round_ or "/" in model_file or "\\" in model_file:
-        raise _corrupt(state_path, "inconsistent round, metrics or model file name")
-    model_path = folder / model_file
-    try:
-        data = model_path.read_bytes()
-    except OSError as exc:
-        raise _corrupt(model_path, f"cannot read it: {exc.strerror or exc}") from None
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise _corrupt(model_path, "its SHA-256 does not match state.json")
-    from safetensors.torch import load
-
-    try:
-        model_state: dict[str, torch.Tensor] = load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise _corrupt(model_path, f"not a valid safetensors file: {exc}") from None
+    if round_ < 0 or len(metrics) != round_:
+        raise _corrupt(state_path, "inconsistent round and metrics")
+    model_state = _read_tensor_file(folder, model_file, digest)
     tensors: dict[str, torch.Tensor] = {}
     if tensors_file is not None:
         tensors = _read_tensor_file(folder, str(tensors_file), str(tensors_digest))
@@ -251,11 +239,12 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
 
 
 def _read_tensor_file(folder: Path, name: str, digest: str) -> dict[str, torch.Tensor]:
+    """Read a tensor file ``state.json`` names, checking its name and SHA-256."""
     from safetensors.torch import load
 
     path = folder / name
     if "/" in name or "\\" in name:
-        raise _corrupt(folder / STATE_FILE, "a tensor file name with a folder in it")
+        raise _corrupt(folder / STATE_FILE, f"the file name {name!r} has a folder in it")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -14,10 +14,13 @@ Design:
   the processes' sentinels at once, so a worker that dies is noticed at once.
 * Tensors never go through the pipes. The downlink payload's tensors are written once
   per round into a one-slot arena and every worker rebuilds the payload from zero-copy
-  views. Uplink buffers live in an arena of ``P + 1`` slots: worker ``w`` always writes
-  into slot ``w`` and slot ``P`` holds the buffer's initial values; the parent copies a
-  client's result out of the slot before giving that worker its next client, so shared
-  memory is bounded by the parallelism, not by the number of clients.
+  views. Uplink buffers live in an arena of work slots plus one slot holding the buffer's
+  initial values; each task is given a free work slot when it is dispatched. By default
+  (``P`` work slots) the parent copies a client's result out of its slot as soon as it
+  arrives; with ``borrow=True`` (``2 * P`` work slots, what emberfl's process executor
+  uses) the result is handed over as views of its slot, which stays reserved until the
+  consumer releases it, so results are folded without a copy while workers go on. Either
+  way shared memory is bounded by the parallelism, not by the number of clients.
 * Objects shared by several client configs (data sets, model selectors) are sent to each
   worker once and cached there; their tensors go into their own arena, shared by all
   workers.
