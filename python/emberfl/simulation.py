@@ -325,10 +325,9 @@ class Simulation:
 
     # -- the global model -------------------------------------------------------------------
     def global_model(self) -> nn.Module:
-        """Return a copy of the model holding the current global parameters."""
-        import copy
-
-        model = copy.deepcopy(self.executor.setup.model)
+        """Return a copy of the model holding the current global parameters (with the
+        executor's bitwise-equivalent fast layers, as the clients train it)."""
+        model = self.executor.setup.template()
         deserialize_model(model, self.state.model)
         return model
 

@@ -318,9 +318,14 @@ class _RowMajorLinear(nn.Module):
         return out
 
 
+ROW_MAJOR_LINEAR_MIN = 1 << 16
+"""Linear layers with at least this many weights run as :class:`_RowMajorLinear`; smaller
+ones keep vmap's own rule (the custom operator's dispatch costs more than it saves)."""
+
+
 def _swap_linears(module: nn.Module) -> None:
     for name, child in module.named_children():
-        if type(child) is nn.Linear:
+        if type(child) is nn.Linear and child.weight.numel() >= ROW_MAJOR_LINEAR_MIN:
             setattr(module, name, _RowMajorLinear(child))
         else:
             _swap_linears(child)

@@ -17,6 +17,13 @@ use crate::error::{Error, Result};
 
 /// Elements per work item.
 pub const CHUNK: usize = 1 << 14;
+/// Below this many elements (or with one thread) a call runs in the calling thread: handing
+/// work to a pool costs more than adding a small vector.
+pub const PARALLEL_MIN: usize = 1 << 18;
+
+fn serial(pool: &ThreadPool, len: usize) -> bool {
+    pool.current_num_threads() == 1 || len < PARALLEL_MIN
+}
 
 /// `sum_k w_k x_k` and `sum_k w_k` of the inputs added so far.
 #[derive(Clone, Debug)]
@@ -37,6 +44,9 @@ fn check_weight(weight: f64, position: usize) -> Result<()> {
 
 /// The first non-finite value of `x`, as `(index, value)`.
 pub fn first_non_finite(x: &[f32], pool: &ThreadPool) -> Option<(usize, f32)> {
+    if serial(pool, x.len()) {
+        return x.iter().position(|v| !v.is_finite()).map(|i| (i, x[i]));
+    }
     pool.install(|| {
         x.par_chunks(CHUNK)
             .enumerate()
@@ -110,7 +120,11 @@ impl Accumulator {
                 value,
             });
         }
-        if weight != 0.0 {
+        if weight != 0.0 && serial(pool, x.len()) {
+            for (a, &v) in self.sum.iter_mut().zip(x) {
+                *a += weight * f64::from(v);
+            }
+        } else if weight != 0.0 {
             pool.install(|| {
                 self.sum
                     .par_chunks_mut(CHUNK)
@@ -180,6 +194,22 @@ impl Accumulator {
                 got: out.len(),
                 expected: self.sum.len(),
             });
+        }
+        if serial(pool, out.len()) {
+            let mut first = None;
+            for (j, (dst, &v)) in out.iter_mut().zip(&self.sum).enumerate() {
+                let r = f(v) as f32;
+                if first.is_none() && !r.is_finite() {
+                    first = Some(j);
+                }
+                *dst = r;
+            }
+            return match first {
+                None => Ok(()),
+                Some(index) => Err(Error::InvalidArgument(format!(
+                    "the accumulated value at parameter index {index} overflows float32"
+                ))),
+            };
         }
         let bad = pool.install(|| {
             out.par_chunks_mut(CHUNK)
@@ -304,6 +334,33 @@ mod tests {
         for ((&s, &x0), &x1) in a.sum().iter().zip(&xs[0]).zip(&xs[1]) {
             let r = f64::from(x0) + 2.0 * f64::from(x1);
             assert_eq!(s.to_bits(), r.to_bits());
+        }
+    }
+
+    #[test]
+    fn large_inputs_give_the_same_bits_on_any_thread_count() {
+        let n = 2 * PARALLEL_MIN + 12_345;
+        let xs = data(3, n, 9);
+        let mut base: Option<Vec<u32>> = None;
+        for threads in [1, 2, 3, 8] {
+            let p = pool(threads).unwrap();
+            let mut acc = Accumulator::new(n).unwrap();
+            for (i, x) in xs.iter().enumerate() {
+                acc.add(x, 0.5 + i as f64, &p).unwrap();
+            }
+            let mut bad = xs[0].clone();
+            bad[n - 7] = f32::NAN;
+            assert!(matches!(
+                acc.add(&bad, 1.0, &p),
+                Err(Error::NonFinite { index, .. }) if index == n - 7
+            ));
+            let mut out = vec![0f32; n];
+            acc.mean_into(&mut out, &p).unwrap();
+            let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+            match &base {
+                None => base = Some(bits),
+                Some(b) => assert_eq!(b, &bits),
+            }
         }
     }
 
