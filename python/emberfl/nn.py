@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ __all__ = [
     "MaxPool2d",
     "dropout_mask",
     "pool_before_relu",
+    "prepare_dropout",
     "set_dropout_generator",
     "use_client_dropout",
     "use_fast_layers",
@@ -291,6 +293,35 @@ def use_client_dropout(model: nn.Module) -> int:
         The number of modules replaced.
     """
     return _swap(model, nn.Dropout, Dropout.from_module)
+
+
+def prepare_dropout(model: nn.Module, generator: Callable[[], torch.Generator]) -> int:
+    """Swap ``model``'s ``torch.nn.Dropout`` for :class:`Dropout` and give every
+    :class:`Dropout` a generator, in one walk; ``generator()`` is called only if there is one.
+
+    Args:
+        model: The model.
+        generator: Makes the generator (called at most once).
+
+    Returns:
+        The number of :class:`Dropout` modules.
+    """
+    gen: torch.Generator | None = None
+    count = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout and not _has_hooks(child):
+                child = Dropout.from_module(child)
+                setattr(module, name, child)
+            if isinstance(child, Dropout):
+                if gen is None:
+                    gen = generator()
+                child.generator = gen
+                count += 1
+    if isinstance(model, Dropout):
+        model.generator = gen if gen is not None else generator()
+        count += 1
+    return count
 
 
 def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> int:

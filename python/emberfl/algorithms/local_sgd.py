@@ -42,7 +42,7 @@ from emberfl.algorithms.base import (
 )
 from emberfl.core.vectorized import StackedSGD
 from emberfl.errors import ConfigError
-from emberfl.nn import set_dropout_generator, use_client_dropout
+from emberfl.nn import prepare_dropout
 
 __all__ = ["ClientUpdate", "LocalResult", "LocalSGD", "Terms", "train_locally"]
 
@@ -244,8 +244,7 @@ def train_locally(algorithm: LocalSGD, client: Client) -> tuple[LocalResult, dic
     model = client.model
     model.train()
     # Dropout draws from the client's own stream (the vectorized executor draws the same).
-    use_client_dropout(model)
-    set_dropout_generator(model, client.dropout_generator())
+    prepare_dropout(model, client.dropout_generator)
     device = client.device
     layout = client.layout
     params: Tree = {n: p for n, p in model.named_parameters() if p.requires_grad}
