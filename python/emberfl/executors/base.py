@@ -40,6 +40,7 @@ __all__ = [
     "Executor",
     "RoundPlan",
     "as_client_error",
+    "check_positive_int",
     "check_result",
 ]
 
@@ -128,6 +129,12 @@ class RoundPlan:
     layout: ModelLayout
     streams: dict[str, StreamSpec]
     state: ClientStateStore | None = None
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise :class:`~emberfl.errors.ConfigError` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def as_client_error(cid: int, exc: BaseException) -> ClientError:

@@ -32,8 +32,15 @@ from torch import nn
 from emberfl.algorithms.base import Algorithm, Client, ClientResult, ModelLayout, Split
 from emberfl.core._process_pool import ProcessPool, StartMethod
 from emberfl.core.shared_memory import SHMHandle
-from emberfl.errors import ConfigError, TensorMismatchError
-from emberfl.executors.base import ClientSetup, Consume, Executor, RoundPlan, check_result
+from emberfl.errors import TensorMismatchError
+from emberfl.executors.base import (
+    ClientSetup,
+    Consume,
+    Executor,
+    RoundPlan,
+    check_positive_int,
+    check_result,
+)
 from emberfl.state_store import StateLocation, attach_state
 
 __all__ = ["ModelTemplate", "ProcessExecutor"]
@@ -196,12 +203,7 @@ class ProcessExecutor(Executor):
         Raises:
             ConfigError: ``num_parallels < 1``.
         """
-        if (
-            isinstance(num_parallels, bool)
-            or not isinstance(num_parallels, int)
-            or num_parallels < 1
-        ):
-            raise ConfigError(f"num_parallels must be an integer >= 1, got {num_parallels!r}")
+        check_positive_int("num_parallels", num_parallels)
         super().__init__(setup, intra_op_threads=intra_op_threads)
         self.num_parallels = num_parallels
         self.start_method: StartMethod = start_method

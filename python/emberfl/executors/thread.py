@@ -19,13 +19,13 @@ from torch import nn
 
 from emberfl.algorithms.base import ClientResult
 from emberfl.core.intra_op import intra_op_threads
-from emberfl.errors import ConfigError
 from emberfl.executors.base import (
     ClientSetup,
     Consume,
     Executor,
     RoundPlan,
     as_client_error,
+    check_positive_int,
     check_result,
 )
 
@@ -54,12 +54,7 @@ class ThreadExecutor(Executor):
         Raises:
             ConfigError: ``num_parallels < 1``.
         """
-        if (
-            isinstance(num_parallels, bool)
-            or not isinstance(num_parallels, int)
-            or num_parallels < 1
-        ):
-            raise ConfigError(f"num_parallels must be an integer >= 1, got {num_parallels!r}")
+        check_positive_int("num_parallels", num_parallels)
         super().__init__(setup, intra_op_threads=intra_op_threads)
         self.num_parallels = num_parallels
         self._models: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()

@@ -39,7 +39,14 @@ from emberfl.core.heap import retain_freed_memory
 from emberfl.core.intra_op import intra_op_threads
 from emberfl.core.vectorized import ConvMode, DropoutCall, VectorizedModel, stack_batches
 from emberfl.errors import ClientError, ConfigError
-from emberfl.executors.base import ClientSetup, Consume, Executor, RoundPlan, check_result
+from emberfl.executors.base import (
+    ClientSetup,
+    Consume,
+    Executor,
+    RoundPlan,
+    check_positive_int,
+    check_result,
+)
 from emberfl.nn import dropout_mask
 
 __all__ = ["DEFAULT_CPU_CHUNK", "VectorizedExecutor", "default_chunk_size"]
@@ -169,12 +176,7 @@ class VectorizedExecutor(Executor):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if (
-            isinstance(num_parallels, bool)
-            or not isinstance(num_parallels, int)
-            or num_parallels < 1
-        ):
-            raise ConfigError(f"num_parallels must be a positive integer, got {num_parallels!r}")
+        check_positive_int("num_parallels", num_parallels)
         super().__init__(setup, intra_op_threads=intra_op_threads)
         self.chunk_size = chunk_size
         self.num_parallels = num_parallels
