@@ -213,7 +213,6 @@ class Simulation:
         totals: dict[str, float] = {}
         samples = 0
         done = 0
-
         fold_s = 0.0
 
         def consume(position: int, cid: int, result: ClientResult) -> None:
@@ -255,19 +254,19 @@ class Simulation:
                     f"{len(cids)} clients' results"
                 )
             aggregate = self._aggregate(folds, kept, len(cids))
+            aggregate.metrics = {k: v / samples for k, v in totals.items()} if samples else {}
+            self.algorithm.server_update(self.state, aggregate)
         except BaseException:
             if self.client_state is not None:
                 self._broken = (
                     f"round {self.state.round + 1} failed after some clients had updated their "
                     "state, so this simulation cannot go on; restore a checkpoint "
-                    "(load_state_tensors) or start again"
+                    "(load_checkpoint or load_state_tensors) or start again"
                 )
             raise
         finally:
             for update_set in kept.values():
                 update_set.close()
-        aggregate.metrics = {k: v / samples for k, v in totals.items()} if samples else {}
-        self.algorithm.server_update(self.state, aggregate)
         self.state.round += 1
         self.last_timing = {
             "fold_s": fold_s,
