@@ -22,7 +22,7 @@ private copy of the model.
 
 :class:`Dropout` is ``torch.nn.Dropout`` drawing its masks from a generator of its own
 instead of PyTorch's global one: emberfl's executors give each client its own, from the
-client's stream (:func:`set_dropout_generator`), so dropout is reproducible in threads and
+client's stream (:func:`prepare_dropout`), so dropout is reproducible in threads and
 the vectorized mode draws the very same masks (:func:`dropout_mask`).
 
 Example:
@@ -52,8 +52,6 @@ __all__ = [
     "dropout_mask",
     "pool_before_relu",
     "prepare_dropout",
-    "set_dropout_generator",
-    "use_client_dropout",
     "use_fast_layers",
 ]
 
@@ -283,18 +281,6 @@ class Dropout(nn.Dropout):
         return twin
 
 
-def use_client_dropout(model: nn.Module) -> int:
-    """Replace ``model``'s ``torch.nn.Dropout`` submodules by :class:`Dropout`, in place.
-
-    Args:
-        model: The model (its state dict is unchanged: dropout has no state).
-
-    Returns:
-        The number of modules replaced.
-    """
-    return _swap(model, nn.Dropout, Dropout.from_module)
-
-
 def prepare_dropout(model: nn.Module, generator: Callable[[], torch.Generator]) -> int:
     """Swap ``model``'s ``torch.nn.Dropout`` for :class:`Dropout` and give every
     :class:`Dropout` a generator, in one walk; ``generator()`` is called only if there is one.
@@ -318,26 +304,7 @@ def prepare_dropout(model: nn.Module, generator: Callable[[], torch.Generator]) 
                     gen = generator()
                 child.generator = gen
                 count += 1
-    if isinstance(model, Dropout):
-        model.generator = gen if gen is not None else generator()
-        count += 1
     return count
-
-
-def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> int:
-    """Make every :class:`Dropout` of ``model`` draw from ``generator``.
-
-    Args:
-        model: The model.
-        generator: A CPU generator, or ``None`` for PyTorch's global one.
-
-    Returns:
-        The number of :class:`Dropout` modules.
-    """
-    layers = [m for m in model.modules() if isinstance(m, Dropout)]
-    for layer in layers:
-        layer.generator = generator
-    return len(layers)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -327,11 +327,3 @@ def attach_state(location: StateLocation) -> dict[str, torch.Tensor]:
             f"client state slot {location.slot} is outside its arena of {arena.num_slots} slots"
         )
     return _views(arena, location.slot)
-
-
-def detach_all() -> None:
-    """Forget the arenas attached by :func:`attach_state` in this process."""
-    for arena in _ATTACHED.values():
-        with contextlib.suppress(Exception):
-            arena.close()
-    _ATTACHED.clear()

@@ -277,15 +277,15 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         return True
 
     def _fold(self, package: FedAvgUplinkPackage) -> None:
-        dim = sum(t.numel() for t in self.model.state_dict().values())
-        self._check_uplink(package, dim)
-        if self._sum is None or self._sum.dim != dim:
+        if self._sum is None:
+            layout = ModelLayout.of(self.model)
             self._sum = WeightedSum(
-                dim,
+                layout.dim,
                 name="model_parameters",
-                describe=ModelLayout.of(self.model).name_at,
+                describe=layout.name_at,
                 num_threads=self.aggregation_threads,
             )
+        self._check_uplink(package, self._sum.dim)
         self._sum.add(
             package.model_parameters, float(package.data_size), source=f"client {package.cid}"
         )

@@ -760,36 +760,6 @@ class VectorizedModel:
                 elif e.trainable and not trained:
                     dst.copy_(src)
 
-    def write_rows(
-        self,
-        rows: torch.Tensor,
-        params: Mapping[str, torch.Tensor],
-        global_flat: torch.Tensor,
-        *,
-        trained: bool = True,
-    ) -> None:
-        """Write stacked parameters into ``rows`` (e.g. arena slots), one row per client.
-
-        Entries that are not trained (buffers, frozen parameters) get the global values.
-
-        Args:
-            rows: A ``(C, dim)`` float32 tensor.
-            params: ``name -> (C, *shape)`` stacked parameters.
-            global_flat: The flat global state (for the untrained entries).
-            trained: Also write the trained entries (``False``: they are already there,
-                e.g. ``params`` are :meth:`row_views` of ``rows``).
-        """
-        c = rows.shape[0]
-        with torch.no_grad():
-            for e in self._entries:
-                dst = rows[:, e.offset : e.offset + e.numel]
-                if e.trainable:
-                    if trained:
-                        dst.copy_(params[e.name].reshape(c, e.numel))
-                else:
-                    src = global_flat[e.offset : e.offset + e.numel]
-                    dst.copy_(src.unsqueeze(0).expand(c, e.numel))
-
 
 # -- optimiser ------------------------------------------------------------------------------
 

@@ -80,14 +80,12 @@ class ClientSetup:
             raise ConfigError(f"seed must fit in 64 bits, got {self.seed}")
 
     def template(self) -> nn.Module:
-        """Return a private copy of the model for training (fast layers swapped in, and
-        :class:`emberfl.nn.Dropout` for ``torch.nn.Dropout``)."""
-        from emberfl.nn import use_client_dropout, use_fast_layers
+        """Return a private copy of the model for training (fast layers swapped in)."""
+        from emberfl.nn import use_fast_layers
 
         model = copy.deepcopy(self.model)
         if self.fast_layers:
             use_fast_layers(model)
-        use_client_dropout(model)
         return model
 
     def num_samples(self, cid: int) -> int:

@@ -327,14 +327,8 @@ pub fn pairwise_sq_dists(inputs: &[&[f32]], pool: &ThreadPool) -> Result<Vec<f64
 mod tests {
     use super::*;
     use crate::pool::pool;
+    use crate::test_data::data;
     use proptest::prelude::*;
-
-    fn data(k: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut s = crate::rng::Stream::for_client(seed, 0, 0, 0);
-        (0..k)
-            .map(|_| (0..n).map(|_| (s.next_f64() * 2.0 - 1.0) as f32).collect())
-            .collect()
-    }
 
     #[test]
     fn weighted_mean_matches_f64_reference() {

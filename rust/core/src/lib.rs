@@ -10,6 +10,8 @@ pub mod error;
 pub mod maxpool;
 pub mod pool;
 pub mod rng;
+#[cfg(test)]
+mod test_data;
 
 pub use accumulate::Accumulator;
 pub use arena::{Arena, Backing, Handle, Location, Out};

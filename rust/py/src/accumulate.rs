@@ -21,6 +21,26 @@ impl Accumulator {
     }
 }
 
+impl Accumulator {
+    /// Run an output kernel (`mean_into` / `sum_into`) into `out` with the GIL released.
+    fn write(
+        &self,
+        py: Python<'_>,
+        mut out: PyReadwriteArray1<'_, f32>,
+        num_threads: usize,
+        kernel: fn(
+            &emberfl_core::Accumulator,
+            &mut [f32],
+            &rayon::ThreadPool,
+        ) -> emberfl_core::Result<()>,
+    ) -> PyResult<()> {
+        let p = thread_pool(num_threads)?;
+        let o = out.as_slice_mut()?;
+        let r = run_detached(py, o.len(), || kernel(&self.lock(), o, &p))?;
+        Ok(r.map_err(CoreError)?)
+    }
+}
+
 fn thread_pool(num_threads: usize) -> PyResult<std::sync::Arc<rayon::ThreadPool>> {
     Ok(pool::pool(num_threads).map_err(CoreError)?)
 }
@@ -89,13 +109,10 @@ impl Accumulator {
     fn mean(
         &self,
         py: Python<'_>,
-        mut out: PyReadwriteArray1<'_, f32>,
+        out: PyReadwriteArray1<'_, f32>,
         num_threads: usize,
     ) -> PyResult<()> {
-        let p = thread_pool(num_threads)?;
-        let o = out.as_slice_mut()?;
-        let r = run_detached(py, o.len(), || self.lock().mean_into(o, &p))?;
-        Ok(r.map_err(CoreError)?)
+        self.write(py, out, num_threads, emberfl_core::Accumulator::mean_into)
     }
 
     /// Write `float32(sum)` into `out`.
@@ -103,13 +120,10 @@ impl Accumulator {
     fn sum(
         &self,
         py: Python<'_>,
-        mut out: PyReadwriteArray1<'_, f32>,
+        out: PyReadwriteArray1<'_, f32>,
         num_threads: usize,
     ) -> PyResult<()> {
-        let p = thread_pool(num_threads)?;
-        let o = out.as_slice_mut()?;
-        let r = run_detached(py, o.len(), || self.lock().sum_into(o, &p))?;
-        Ok(r.map_err(CoreError)?)
+        self.write(py, out, num_threads, emberfl_core::Accumulator::sum_into)
     }
 
     /// A float64 copy of the running sum.
