@@ -203,12 +203,43 @@ def test_process_pool_matches_serial_bit_for_bit(
     assert result.history == serial_run.result.history
 
 
+@pytest.mark.parametrize("num_parallels", [1, 2])
+def test_storage_ipc_on_cifar_shaped_data_matches_serial_and_shared_memory(
+    dsfl: SimpleNamespace, small_config: Any, num_parallels: int
+) -> None:
+    """BlazeFL 2.x's storage IPC (files in a share folder) against serial and shared memory,
+    on seeded 3x32x32 images in memory, 2 rounds."""
+    from emberfl.core import IPCMode
+
+    cifar = dataclasses.replace(
+        small_config,
+        dataset="synthetic-cifar10",
+        dataset_size=300,
+        open_size=60,
+        open_size_per_round=30,
+        epochs=1,
+        kd_epochs=1,
+    )
+    serial = dsfl.main.run(cifar, log=None)
+    process = dsfl.main.ExecutionMode.PROCESS
+    for ipc_mode in (IPCMode.STORAGE, IPCMode.SHARED_MEMORY):
+        config = dataclasses.replace(
+            cifar, mode=process, num_parallels=num_parallels, ipc_mode=ipc_mode
+        )
+        result = dsfl.main.run(config, log=None)
+        assert _same_bits(serial.server_state, result.server_state), ipc_mode
+        assert result.history == serial.history
+    assert len(serial.history) == 2
+
+
 def test_cli_parses_into_config(dsfl: SimpleNamespace) -> None:
     config = dsfl.main.parse_args(
         ["--num-clients", "3", "--rounds", "1", "--client-models", "mlp", "--mode", "process"]
     )
     assert (config.num_clients, config.global_round, config.client_models) == (3, 1, ("mlp",))
     assert config.mode == dsfl.main.ExecutionMode.PROCESS
+    config = dsfl.main.parse_args(["--ipc-mode", "storage", "--dataset", "synthetic-cifar10"])
+    assert (config.ipc_mode, config.dataset) == ("storage", "synthetic-cifar10")
     with pytest.raises(SystemExit):
         dsfl.main.parse_args(["--client-models", "resnet"])
 

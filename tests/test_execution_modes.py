@@ -20,7 +20,6 @@ from emberfl.core import (
     SHMHandle,
     ThreadPoolClientTrainer,
 )
-from emberfl.errors import ConfigError
 
 SPAWN = __import__("multiprocessing").get_context("spawn")
 
@@ -185,12 +184,17 @@ def test_process_pool_persists_across_rounds(process_trainer: EchoProcessTrainer
     assert process_trainer.worker_pids() == pids and len(pids) == 2
     assert {p.info["pid"] for p in first + second} <= set(pids)
     assert {p.info["note"] for p in second} == {"round b"}
-    # Objects shared by all configs are sent to each worker once and reused.
-    shared = {}
     for p in first + second:
-        shared.setdefault(p.info["pid"], set()).add(p.info["shared_id"])
         assert p.info["table_sum"] == float(sum(range(1000)))
-    assert all(len(ids) == 1 for ids in shared.values())
+    # Objects shared by all configs are sent to each worker once and reused (each client
+    # gets its own copy of them, rebuilt in the worker).
+    pool = process_trainer.__dict__["_emberfl_process_pool"]
+    tokens = {s.token for s in pool._sticky.values()}
+    assert tokens
+    process_trainer.local_process(_payload("round c"), list(range(6)))
+    process_trainer.uplink_package()
+    assert {s.token for s in pool._sticky.values()} == tokens
+    assert all(w.sent_tokens >= tokens for w in pool._res.workers)
 
 
 @pytest.mark.timeout(120)
@@ -263,11 +267,13 @@ def test_get_client_device_is_round_robin_over_gpus() -> None:
     assert trainer.get_client_device(3) == "cpu"
 
 
-def test_process_trainer_rejects_a_threading_event() -> None:
+def test_process_trainer_accepts_a_threading_event() -> None:
     trainer = EchoProcessTrainer(1)
     trainer.stop_event = threading.Event()
-    with pytest.raises(ConfigError, match=r"threading\.Event"):
-        trainer.local_process(_payload(), [0])
+    with trainer:
+        trainer.local_process(_payload(), [0, 1])
+        _check(trainer.uplink_package(), [0, 1])
+    assert trainer.stop_event.is_set()
 
 
 def _alive(pid: int) -> bool:

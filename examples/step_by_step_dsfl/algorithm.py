@@ -27,6 +27,7 @@ import threading
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import torch
@@ -41,6 +42,7 @@ from emberfl.core import (
     BaseClientTrainer,
     BaseServerHandler,
     ClientJob,
+    IPCMode,
     ProcessPoolClientTrainer,
     SHMHandle,
     intra_op_threads,
@@ -793,6 +795,39 @@ class DSFLProcessPoolUplinkPackage:
     state: StateDict | None = None
 
 
+def _run_client(
+    config: DSFLClientConfig,
+    payload: DSFLDownlinkPackage,
+    device: str,
+    stop_event: threading.Event,
+) -> DSFLProcessPoolUplinkPackage:
+    """One client's round in a worker, its tensors in the returned package."""
+    model = _client_model(config.model_selector, config.model_name, config.cid, config.state)
+    soft_labels, metadata = client_round(
+        model,
+        payload,
+        config.dataset,
+        cid=config.cid,
+        round_=config.round,
+        seed=config.seed,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        kd_epochs=config.kd_epochs,
+        kd_batch_size=config.kd_batch_size,
+        kd_lr=config.kd_lr,
+        device=device,
+        stop_event=stop_event,
+    )
+    return DSFLProcessPoolUplinkPackage(
+        cid=config.cid,
+        soft_labels=soft_labels,
+        indices=payload.next_indices.clone(),
+        metadata=metadata,
+        state=_state_of(model),
+    )
+
+
 class DSFLProcessPoolClientTrainer(
     ProcessPoolClientTrainer[
         DSFLUplinkPackage,
@@ -803,8 +838,11 @@ class DSFLProcessPoolClientTrainer(
 ):
     """DS-FL clients in a persistent pool of ``num_parallels`` worker processes.
 
-    Gives the same packages, bit for bit, as :class:`DSFLBaseClientTrainer`. Use it as a
-    context manager (or call :meth:`shutdown`) to stop the workers.
+    Gives the same packages, bit for bit, as :class:`DSFLBaseClientTrainer`, in both IPC
+    modes: ``IPCMode.SHARED_MEMORY`` (the default; soft labels come back through the
+    workers' shared-memory slots) and BlazeFL 2.x's ``IPCMode.STORAGE`` (configs, the
+    broadcast and the results are files in ``share_dir``, as in BlazeFL's tutorial). Use it
+    as a context manager (or call :meth:`shutdown`) to stop the workers.
 
     Attributes:
         model_selector: Builds the clients' models.
@@ -826,6 +864,8 @@ class DSFLProcessPoolClientTrainer(
         cache: Packages waiting for :meth:`uplink_package`.
         stop_event: Shared with the workers; set to stop them between steps.
         intra_op_threads: PyTorch's thread count in each worker.
+        ipc_mode: How configs, broadcasts and results reach the workers.
+        share_dir: Where ``IPCMode.STORAGE`` exchanges its files.
     """
 
     def __init__(
@@ -845,6 +885,8 @@ class DSFLProcessPoolClientTrainer(
         num_parallels: int,
         *,
         intra_op_threads: int | None = 1,
+        ipc_mode: IPCMode = IPCMode.SHARED_MEMORY,
+        share_dir: Path | None = None,
     ) -> None:
         """Create the trainer (the workers start with the first round).
 
@@ -863,12 +905,18 @@ class DSFLProcessPoolClientTrainer(
             seed: The experiment seed.
             num_parallels: Number of worker processes.
             intra_op_threads: PyTorch's thread count in each worker.
+            ipc_mode: ``IPCMode.SHARED_MEMORY`` or ``IPCMode.STORAGE``.
+            share_dir: The folder ``IPCMode.STORAGE`` writes to (required there).
 
         Raises:
-            ConfigError: If ``model_names`` is empty.
+            ConfigError: If ``model_names`` is empty, or storage mode lacks ``share_dir``.
         """
         if not model_names:
             raise ConfigError("model_names needs at least one architecture")
+        if IPCMode(ipc_mode) is IPCMode.STORAGE and share_dir is None:
+            raise ConfigError("ipc_mode=STORAGE needs a share_dir to exchange files in")
+        self.ipc_mode = IPCMode(ipc_mode)
+        self.share_dir = share_dir
         self.model_selector = model_selector
         self.model_names = tuple(model_names)
         self.dataset = dataset
@@ -929,65 +977,58 @@ class DSFLProcessPoolClientTrainer(
 
     @staticmethod
     def worker(
-        config: DSFLClientConfig,
-        payload: DSFLDownlinkPackage,
+        config: DSFLClientConfig | Path,
+        payload: DSFLDownlinkPackage | Path,
         device: str,
         stop_event: threading.Event,
         *,
         shm_buffer: DSFLProcessPoolUplinkPackage | None = None,
-    ) -> DSFLProcessPoolUplinkPackage:
+    ) -> DSFLProcessPoolUplinkPackage | Path:
         """Run one client in a worker process.
 
         Args:
-            config: The client's configuration.
-            payload: The server's broadcast (read-only views of shared memory).
+            config: The client's configuration; in storage mode, the file it was saved to.
+            payload: The server's broadcast (read-only views of shared memory); in storage
+                mode, the file it was saved to.
             device: Where to train.
             stop_event: Stops the client between steps once set.
-            shm_buffer: This worker's shared-memory slot, as a package.
+            shm_buffer: This worker's shared-memory slot, as a package (shared-memory mode).
 
         Returns:
-            The package, its tensors left in ``shm_buffer``.
+            The package, its tensors left in ``shm_buffer``; in storage mode, the path of
+            the file the whole package was saved to (the config's, as in BlazeFL).
 
         Raises:
-            RuntimeError: If there is no shared-memory buffer.
+            RuntimeError: If there is no shared-memory buffer in shared-memory mode.
             TensorMismatchError: If the soft labels do not fit the buffer.
         """
+        if isinstance(config, Path) and isinstance(payload, Path):
+            package = _run_client(
+                torch.load(config, weights_only=False),
+                torch.load(payload, weights_only=False),
+                device,
+                stop_event,
+            )
+            torch.save(package, config)
+            return config
+        assert isinstance(config, DSFLClientConfig) and isinstance(payload, DSFLDownlinkPackage)
         if shm_buffer is None or not isinstance(shm_buffer.soft_labels, torch.Tensor):
             raise RuntimeError("shm_buffer must be a pre-allocated shared-memory package")
         if not isinstance(shm_buffer.indices, torch.Tensor):
             raise RuntimeError("shm_buffer must be a pre-allocated shared-memory package")
-        model = _client_model(config.model_selector, config.model_name, config.cid, config.state)
-        soft_labels, metadata = client_round(
-            model,
-            payload,
-            config.dataset,
-            cid=config.cid,
-            round_=config.round,
-            seed=config.seed,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            kd_epochs=config.kd_epochs,
-            kd_batch_size=config.kd_batch_size,
-            kd_lr=config.kd_lr,
-            device=device,
-            stop_event=stop_event,
-        )
-        if soft_labels.shape != shm_buffer.soft_labels.shape:
+        package = _run_client(config, payload, device, stop_event)
+        assert isinstance(package.soft_labels, torch.Tensor)
+        if package.soft_labels.shape != shm_buffer.soft_labels.shape:
             raise TensorMismatchError(
                 f"client {config.cid} produced soft labels of shape "
-                f"{tuple(soft_labels.shape)}; the uplink buffer expects "
+                f"{tuple(package.soft_labels.shape)}; the uplink buffer expects "
                 f"{tuple(shm_buffer.soft_labels.shape)}"
             )
-        shm_buffer.soft_labels.copy_(soft_labels)
+        shm_buffer.soft_labels.copy_(package.soft_labels)
         shm_buffer.indices.copy_(payload.next_indices)
-        return DSFLProcessPoolUplinkPackage(
-            cid=config.cid,
-            soft_labels=SHMHandle(),
-            indices=SHMHandle(),
-            metadata=metadata,
-            state=_state_of(model),
-        )
+        package.soft_labels = SHMHandle()
+        package.indices = SHMHandle()
+        return package
 
     def convert_buffer_to_uplink(self, buffer: DSFLProcessPoolUplinkPackage) -> DSFLUplinkPackage:
         """Keep the client's new state aside and return the part the server receives.

@@ -4,26 +4,30 @@ Usage::
 
     python examples/step_by_step_dsfl/main.py                      # serial, defaults
     python examples/step_by_step_dsfl/main.py --mode process --num-parallels 2
+    python examples/step_by_step_dsfl/main.py --mode process --ipc-mode storage
     python examples/step_by_step_dsfl/main.py --help
 
-The same seed gives the same numbers, bit for bit, in both modes and for any
-``--num-parallels``.
+The same seed gives the same numbers, bit for bit, in both modes, in both IPC modes and
+for any ``--num-parallels``.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import torch
 from algorithm import DSFLBaseClientTrainer, DSFLProcessPoolClientTrainer, DSFLServerHandler
 from dataset import DSFLPartitionedDataset
 from models import DSFLModelName, DSFLModelSelector
 
+from emberfl.core import IPCMode
 from emberfl.data import load_dataset
 from emberfl.reproducibility import setup_reproducibility
 
@@ -59,6 +63,11 @@ class DSFLConfig:
         client_models: The clients' architectures, assigned round-robin by client id.
         mode: Serial or process-pool clients.
         num_parallels: Worker processes in process mode.
+        ipc_mode: How process mode exchanges data with its workers (shared memory, or
+            BlazeFL 2.x's files in a temporary share directory).
+        dataset: ``"digits"`` or ``"synthetic-cifar10"`` (both generated offline).
+        dataset_size: Training images of ``"synthetic-cifar10"`` (a fifth as many for
+            its test split).
         seed: The experiment seed.
         device: Where to compute.
     """
@@ -80,6 +89,9 @@ class DSFLConfig:
     client_models: tuple[str, ...] = (DSFLModelName.CNN, DSFLModelName.MLP)
     mode: ExecutionMode = ExecutionMode.SERIAL
     num_parallels: int = 2
+    ipc_mode: IPCMode = IPCMode.SHARED_MEMORY
+    dataset: str = "digits"
+    dataset_size: int = 2000
     seed: int = 42
     device: str = "cpu"
 
@@ -102,17 +114,23 @@ class DSFLResult:
 
 
 def build(
-    config: DSFLConfig,
+    config: DSFLConfig, *, share_dir: Path | None = None
 ) -> tuple[DSFLServerHandler, DSFLBaseClientTrainer | DSFLProcessPoolClientTrainer]:
     """Create the data set, the model selector, the server handler and the client trainer.
 
     Args:
         config: The experiment.
+        share_dir: The folder storage IPC exchanges files in (process mode with
+            ``IPCMode.STORAGE`` only).
 
     Returns:
         The handler and the trainer (shut a process-pool trainer down when done).
     """
-    data = load_dataset("digits", seed=config.seed)
+    if config.dataset == "synthetic-cifar10":
+        size = config.dataset_size
+        data = load_dataset(config.dataset, seed=config.seed, num_train=size, num_test=size // 5)
+    else:
+        data = load_dataset(config.dataset, seed=config.seed)
     dataset = DSFLPartitionedDataset(
         data,
         num_clients=config.num_clients,
@@ -155,6 +173,8 @@ def build(
             kd_lr=config.kd_lr,
             seed=config.seed,
             num_parallels=config.num_parallels,
+            ipc_mode=config.ipc_mode,
+            share_dir=share_dir,
         )
     else:
         trainer = DSFLBaseClientTrainer(
@@ -189,8 +209,11 @@ def run(config: DSFLConfig, *, log: Callable[[str], None] | None = print) -> DSF
     Returns:
         The summaries and the server's final model state.
     """
-    handler, trainer = build(config)
     with ExitStack() as stack:
+        share_dir = None
+        if config.mode == ExecutionMode.PROCESS and config.ipc_mode == IPCMode.STORAGE:
+            share_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsfl-")))
+        handler, trainer = build(config, share_dir=share_dir)
         if isinstance(trainer, DSFLProcessPoolClientTrainer):
             stack.enter_context(trainer)  # stops the worker processes on exit
         result = DSFLResult(initial=handler.get_summary())
@@ -252,6 +275,18 @@ def parse_args(argv: Sequence[str] | None = None) -> DSFLConfig:
     )
     p.add_argument("--mode", choices=[m.value for m in ExecutionMode], default=d.mode.value)
     p.add_argument("--num-parallels", type=int, default=d.num_parallels, help="processes")
+    p.add_argument(
+        "--ipc-mode",
+        choices=[m.value for m in IPCMode],
+        default=d.ipc_mode.value,
+        help="process mode: shared memory, or files in a temporary folder (BlazeFL 2.x)",
+    )
+    p.add_argument(
+        "--dataset", choices=["digits", "synthetic-cifar10"], default=d.dataset, help="data"
+    )
+    p.add_argument(
+        "--dataset-size", type=int, default=d.dataset_size, help="synthetic-cifar10 images"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="experiment seed")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
@@ -277,6 +312,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DSFLConfig:
         client_models=client_models,
         mode=ExecutionMode(args.mode),
         num_parallels=args.num_parallels,
+        ipc_mode=IPCMode(args.ipc_mode),
+        dataset=args.dataset,
+        dataset_size=args.dataset_size,
         seed=args.seed,
         device=args.device,
     )

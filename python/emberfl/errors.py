@@ -75,6 +75,11 @@ class DatasetNotFoundError(EmberflError, FileNotFoundError):
     """A data set that is not present under the given data root."""
 
 
+class LengthMismatchError(EmberflError, ValueError, AssertionError):
+    """Sequences that must have the same length do not (a ``ValueError``; also an
+    ``AssertionError``, which BlazeFL 2.x raised there)."""
+
+
 class ConfigError(EmberflError, ValueError):
     """An invalid run configuration (unknown option value, bad combination, ...)."""
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import threading
 import traceback
 from collections.abc import Iterable, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,6 +42,7 @@ from emberfl.core import (
     BaseClientTrainer,
     BaseServerHandler,
     ClientJob,
+    IPCMode,
     ModelSelector,
     PartitionedDataset,
     ProcessPoolClientTrainer,
@@ -610,6 +612,35 @@ class FedAvgClientConfig:
     model_template: ModelTemplate | None = None
 
 
+def _train_from_config(
+    config: FedAvgClientConfig,
+    payload: FedAvgDownlinkPackage,
+    device: str,
+    stop_event: threading.Event,
+) -> FedAvgProcessPoolUplinkPackage:
+    if config.model_template is not None:
+        model = copy.deepcopy(config.model_template.model)
+    else:
+        model = config.model_selector.select_model(config.model_name)
+        if config.fast_layers:
+            use_fast_layers(model)
+    loader = _client_loader(
+        config.dataset, config.cid, config.batch_size, config.seed, config.round
+    )
+    return FedAvgProcessPoolClientTrainer.train(
+        model=model,
+        model_parameters=payload.model_parameters,
+        train_loader=loader,
+        device=device,
+        epochs=config.epochs,
+        lr=config.lr,
+        stop_event=stop_event,
+        cid=config.cid,
+        seed=config.seed,
+        round_=config.round,
+    )
+
+
 class FedAvgProcessPoolClientTrainer(
     ProcessPoolClientTrainer[
         FedAvgUplinkPackage,
@@ -656,6 +687,8 @@ class FedAvgProcessPoolClientTrainer(
         start_workers: bool = True,
         fast_layers: bool = True,
         start_method: StartMethod = "auto",
+        share_dir: Path | str | None = None,
+        ipc_mode: IPCMode | str | None = None,
     ) -> None:
         """Create the trainer and start its worker processes in the background.
 
@@ -678,8 +711,15 @@ class FedAvgProcessPoolClientTrainer(
                 PyTorch's do, bit for bit (:func:`emberfl.nn.use_fast_layers`).
             start_method: How the workers start (``"auto"``: forked where safe, else
                 spawned; see :class:`~emberfl.core.ProcessPoolClientTrainer`).
+            share_dir: BlazeFL 2.x's directory for ``IPCMode.STORAGE`` files (created).
+            ipc_mode: BlazeFL 2.x's :class:`~emberfl.core.IPCMode` (either spelling);
+                ``None`` means ``SHARED_MEMORY``. Both modes give the same bits.
         """
         self.num_parallels = num_parallels
+        self.ipc_mode = IPCMode(ipc_mode) if ipc_mode is not None else IPCMode.SHARED_MEMORY
+        self.share_dir = Path(share_dir) if share_dir is not None else None
+        if self.share_dir is not None:
+            self.share_dir.mkdir(parents=True, exist_ok=True)
         self.start_method = start_method
         self.device = device
         self.device_count = torch.cuda.device_count()
@@ -738,47 +778,37 @@ class FedAvgProcessPoolClientTrainer(
         )
 
     @staticmethod
-    def worker(
-        config: FedAvgClientConfig,
-        payload: FedAvgDownlinkPackage,
+    def worker(  # type: ignore[override]  # BlazeFL 2.x's storage mode passes paths
+        config: FedAvgClientConfig | Path,
+        payload: FedAvgDownlinkPackage | Path,
         device: str,
         stop_event: threading.Event,
         *,
         shm_buffer: FedAvgProcessPoolUplinkPackage | None = None,
-    ) -> FedAvgProcessPoolUplinkPackage:
+    ) -> FedAvgProcessPoolUplinkPackage | Path:
         """Train one client in a worker process.
 
         Args:
-            config: The client's configuration.
-            payload: The global model (a read-only view of shared memory).
+            config: The client's configuration, or (``IPCMode.STORAGE``) the path of the
+                file it was saved to.
+            payload: The global model (a read-only view of shared memory), or
+                (``IPCMode.STORAGE``) the path of the file it was saved to.
             device: Where to train.
             stop_event: Stops training between batches once set.
             shm_buffer: This worker's arena slot, as a package.
 
         Returns:
-            The package, with ``model_parameters`` left in ``shm_buffer``.
+            The package, with ``model_parameters`` left in ``shm_buffer``; in storage
+            mode, the path of the file the package was saved to (the config's).
         """
-        if config.model_template is not None:
-            model = copy.deepcopy(config.model_template.model)
-        else:
-            model = config.model_selector.select_model(config.model_name)
-            if config.fast_layers:
-                use_fast_layers(model)
-        loader = _client_loader(
-            config.dataset, config.cid, config.batch_size, config.seed, config.round
-        )
-        package = FedAvgProcessPoolClientTrainer.train(
-            model=model,
-            model_parameters=payload.model_parameters,
-            train_loader=loader,
-            device=device,
-            epochs=config.epochs,
-            lr=config.lr,
-            stop_event=stop_event,
-            cid=config.cid,
-            seed=config.seed,
-            round_=config.round,
-        )
+        if isinstance(config, str | os.PathLike) or isinstance(payload, str | os.PathLike):
+            config_path = Path(cast(Path, config))
+            loaded_config = torch.load(config_path, weights_only=False)
+            loaded_payload = torch.load(cast(Path, payload), weights_only=False)
+            result = _train_from_config(loaded_config, loaded_payload, device, stop_event)
+            torch.save(result, config_path)
+            return config_path
+        package = _train_from_config(config, payload, device, stop_event)
         if shm_buffer is None or not isinstance(shm_buffer.model_parameters, torch.Tensor):
             raise RuntimeError("shm_buffer must be a pre-allocated shared-memory package")
         params = package.model_parameters

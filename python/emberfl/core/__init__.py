@@ -12,6 +12,7 @@ from __future__ import annotations
 from emberfl.core.client_trainer import (
     BaseClientTrainer,
     ClientJob,
+    IPCMode,
     ProcessPoolClientTrainer,
     StartMethod,
     ThreadPoolClientTrainer,
@@ -32,6 +33,7 @@ __all__ = [
     "BaseServerHandler",
     "ClientJob",
     "FilteredDataset",
+    "IPCMode",
     "ModelSelector",
     "PartitionedDataset",
     "ProcessPoolClientTrainer",

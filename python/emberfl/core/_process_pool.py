@@ -147,12 +147,20 @@ def _close_quietly(arena: Any) -> None:
 
 
 class _StickyUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, sticky: dict[int, Any]) -> None:
+    def __init__(self, data: bytes, state: _WorkerState, fresh: bool) -> None:
         super().__init__(io.BytesIO(data))
-        self._sticky = sticky
+        self._state = state
+        self._fresh = fresh
+        self._copies: dict[int, Any] = {}
 
     def persistent_load(self, pid: Any) -> Any:
-        return self._sticky[pid]
+        if not self._fresh:
+            return self._state.sticky[pid]
+        # A private copy for this client, as if its config had been pickled for it alone
+        # (tensors stay zero-copy views of the shared arena).
+        if pid not in self._copies:
+            self._copies[pid] = self._state.rebuild_sticky(pid)
+        return self._copies[pid]
 
 
 @dataclass
@@ -170,7 +178,16 @@ class _WorkerState:
     up_arena: Any = None
     template_slot: int = 0
     sticky: dict[int, Any] = field(default_factory=dict)
+    sticky_raw: dict[int, tuple[bytes, PackedLayout | None]] = field(default_factory=dict)
     sticky_arenas: dict[int, Any] = field(default_factory=dict)
+
+    def rebuild_sticky(self, token: int) -> Any:
+        data, layout = self.sticky_raw[token]
+        obj = pickle.loads(data)
+        arena = self.sticky_arenas.get(token)
+        if layout is not None and arena is not None:
+            obj = unpack(obj, layout, arena.slot(0), clone=False)
+        return obj
 
     def shared_storages(self) -> set[int]:
         ptrs = set()
@@ -181,6 +198,7 @@ class _WorkerState:
 
     def close(self) -> None:
         self.sticky.clear()
+        self.sticky_raw.clear()
         for arena in (self.down_arena, self.up_arena, *self.sticky_arenas.values()):
             _close_quietly(arena)
         self.sticky_arenas.clear()
@@ -257,17 +275,25 @@ def _apply_control(state: _WorkerState, message: tuple[Any, ...]) -> None:
             state.sticky_arenas[token] = arena
             obj = unpack(obj, layout, arena.slot(0), clone=False)
         state.sticky[token] = obj
+        state.sticky_raw[token] = (data, layout)
     elif kind == "forget":
         for token in message[1]:
             state.sticky.pop(token, None)
+            state.sticky_raw.pop(token, None)
             _close_quietly(state.sticky_arenas.pop(token, None))
 
 
 def _run_task(
-    state: _WorkerState, task_id: int, cid: int, device: str, config_bytes: bytes, slot_index: int
+    state: _WorkerState,
+    task_id: int,
+    cid: int,
+    device: str,
+    config_bytes: bytes,
+    slot_index: int,
+    fresh: bool,
 ) -> bytes:
     try:
-        config = _StickyUnpickler(config_bytes, state.sticky).load()
+        config = _StickyUnpickler(config_bytes, state, fresh).load()
         payload = state.payload_skeleton
         if state.down_layout is not None and state.down_arena is not None:
             payload = unpack(payload, state.down_layout, state.down_arena.slot(0), clone=False)
@@ -332,6 +358,19 @@ class _Sticky:
     data: bytes
     layout: PackedLayout | None
     arena: Any
+    marks: list[tuple[torch.Tensor, int]]  # each tensor and its version counter
+
+
+def _tensor_marks(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    # An in-place change bumps a tensor's version counter (shared by its views); a new
+    # tensor is another object.
+    return [(t, t._version) for t in tensors]
+
+
+def _same_marks(a: list[tuple[torch.Tensor, int]], b: list[tuple[torch.Tensor, int]]) -> bool:
+    return len(a) == len(b) and all(
+        ta is tb and va == vb for (ta, va), (tb, vb) in zip(a, b, strict=True)
+    )
 
 
 @dataclass
@@ -434,12 +473,16 @@ class ProcessPool:
         drain_timeout_s: float,
         start_method: StartMethod = "spawn",
         device: str = "cpu",
+        mirror_event: Any = None,
     ) -> None:
         """Start ``num_workers`` worker processes.
 
         Args:
             num_workers: How many processes.
             stop_event: A multiprocessing event handed to every worker.
+            mirror_event: An event of the caller's (e.g. a ``threading.Event``) that the
+                workers cannot share: while a round runs, ``stop_event`` is set as soon
+                as this one is.
             intra_op_threads: ``torch.set_num_threads`` value in each worker.
             drain_timeout_s: How long to wait for running clients to stop after an error
                 or Ctrl-C before killing the workers.
@@ -453,6 +496,9 @@ class ProcessPool:
             ctx.set_forkserver_preload(["torch", __name__])
         self.num_workers = num_workers
         self.stop_event = stop_event
+        self.mirror_event = mirror_event
+        self.user_stop_event = mirror_event if mirror_event is not None else stop_event
+        self._fresh = False
         self.intra_op_threads = intra_op_threads
         self.drain_timeout_s = drain_timeout_s
         self._res = _Resources()
@@ -545,6 +591,7 @@ class ProcessPool:
         *,
         borrow: bool = False,
         pin: Sequence[Any] = (),
+        fresh_shared: bool = False,
     ) -> list[ClientJob[Any]]:
         """Prepare a round and return one job per client, in ``clients`` order.
 
@@ -559,6 +606,10 @@ class ProcessPool:
                 ``num_workers`` results wait to be consumed in order.
             pin: Objects of the configs that are sent to each worker once and kept
                 there even when only one config of the round holds them.
+            fresh_shared: Give each client its own copy of the objects shared by several
+                configs (rebuilt in the worker from what was sent once), so that a client
+                changing them does not affect the next client of the same worker. Without
+                it, a worker's clients share one copy (which may keep caches).
 
         Returns:
             The jobs; clients are dispatched as jobs are waited on.
@@ -570,6 +621,7 @@ class ProcessPool:
             _close_quietly(arena)
         self._retired.clear()
         self._borrow = borrow
+        self._fresh = fresh_shared
         self._held = {}
         self._broadcast_payload(worker_fn, payload)
         self._prepare_uplink(uplink_template)
@@ -659,16 +711,25 @@ class ProcessPool:
                     counts[id(value)] += 1
                     candidates[id(value)] = value
         keep = {oid for oid, n in counts.items() if n >= 2 or oid in self._sticky}
-        dropped = [s.token for oid, s in self._sticky.items() if oid not in keep]
+        # An object changed in this process since it was sent (a data set the user
+        # updated between rounds) is sent again: workers must see what a fresh pickle
+        # of the config would show them.
+        changed = {
+            oid: packed
+            for oid in keep
+            if oid in self._sticky
+            and (packed := self._repacked_if_changed(self._sticky[oid])) is not None
+        }
+        dropped = [s.token for oid, s in self._sticky.items() if oid not in keep or oid in changed]
         if dropped:
             self._broadcast(("forget", dropped))
             for worker in self._res.workers:
                 worker.sent_tokens.difference_update(dropped)
-            for oid in [oid for oid in self._sticky if oid not in keep]:
+            for oid in [oid for oid in self._sticky if oid not in keep or oid in changed]:
                 self._retire(self._sticky.pop(oid).arena)
         for oid in keep:
             if oid not in self._sticky:
-                self._sticky[oid] = self._make_sticky(candidates[oid])
+                self._sticky[oid] = self._make_sticky(candidates[oid], changed.get(oid))
         tokens_by_id = {oid: s.token for oid, s in self._sticky.items()}
         tasks = []
         for cid, device, config in clients:
@@ -684,23 +745,34 @@ class ProcessPool:
             tasks.append(_Task(cid, device, buffer.getvalue(), used))
         return tasks
 
-    def _make_sticky(self, obj: Any) -> _Sticky:
+    def _repacked_if_changed(self, sticky: _Sticky) -> _Packed | None:
+        packed = _pack_sticky(sticky.obj)
+        layout = packed.layout if packed.tensors else None
+        if (
+            packed.data == sticky.data
+            and layout == sticky.layout
+            and _same_marks(_tensor_marks(packed.tensors), sticky.marks)
+        ):
+            return None
+        return packed
+
+    def _make_sticky(self, obj: Any, packed: _Packed | None = None) -> _Sticky:
         token = self._next_token
         self._next_token += 1
-        skeleton, layout, tensors = pack(obj)
+        if packed is None:
+            packed = _pack_sticky(obj)
         arena = None
-        if tensors:
-            arena = _new_arena(layout.num_floats, 1)
-            write_tensors(layout, arena.slot(0), tensors)
-        try:
-            data = pickle.dumps(skeleton, _PICKLE_PROTOCOL)
-        except Exception as exc:
-            _close_quietly(arena)
-            raise TypeError(
-                f"{type(obj).__name__} in the client configs could not be pickled for the "
-                f"worker processes: {exc}"
-            ) from exc
-        return _Sticky(token, obj, data, layout if tensors else None, arena)
+        if packed.tensors:
+            arena = _new_arena(packed.layout.num_floats, 1)
+            write_tensors(packed.layout, arena.slot(0), packed.tensors)
+        return _Sticky(
+            token,
+            obj,
+            packed.data,
+            packed.layout if packed.tensors else None,
+            arena,
+            _tensor_marks(packed.tensors),
+        )
 
     # -- running -----------------------------------------------------------------------
 
@@ -725,7 +797,10 @@ class ProcessPool:
                     handle = sticky.arena.handle if sticky.arena is not None else None
                     self._send(worker, ("sticky", token, sticky.data, sticky.layout, handle))
                     worker.sent_tokens.add(token)
-            self._send(worker, ("task", index, task.cid, task.device, task.config_bytes, task.slot))
+            self._send(
+                worker,
+                ("task", index, task.cid, task.device, task.config_bytes, task.slot, self._fresh),
+            )
             worker.task = index
             self._next_task += 1
 
@@ -744,6 +819,8 @@ class ProcessPool:
         workers = self._res.workers
         conns = {w.conn: w for w in workers}
         sentinels = {w.process.sentinel: w for w in workers}
+        if self.mirror_event is not None and self.mirror_event.is_set():
+            self.stop_event.set()
         ready = wait([*conns, *sentinels], timeout=_POLL_S)
         died: list[_Worker] = []
         # Read messages first: a worker that reported and then died has its last word heard.
@@ -883,6 +960,25 @@ class ProcessPool:
         self._results = []
         self._done = []
         self._held = {}
+
+
+@dataclass
+class _Packed:
+    data: bytes  # the pickled skeleton (the object without its tensors)
+    layout: PackedLayout
+    tensors: list[torch.Tensor]
+
+
+def _pack_sticky(obj: Any) -> _Packed:
+    skeleton, layout, tensors = pack(obj)
+    try:
+        data = pickle.dumps(skeleton, _PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(
+            f"{type(obj).__name__} in the client configs could not be pickled for the "
+            f"worker processes: {exc}"
+        ) from exc
+    return _Packed(data, layout, list(tensors))
 
 
 class _StickyPickler(pickle.Pickler):

@@ -24,21 +24,25 @@ def _join(prefix: str, part: str) -> str:
     return f"{prefix}.{part}" if prefix else part
 
 
-def iter_tensors(obj: Any, *, max_depth: int = 10) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    obj: Any, *, max_depth: int = 10, object_depth: int = 1
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(path, tensor)`` for every tensor reachable from ``obj``, depth first.
 
     Args:
         obj: The object to walk.
         max_depth: Containers nested deeper than this are not entered.
+        object_depth: How many levels an object's attributes lie below the object: 1, or 2
+            to count its ``__dict__`` as a level of its own (BlazeFL's convention).
 
     Yields:
         Each tensor with its path, in a deterministic order.
     """
-    yield from _iter(obj, "", 0, max_depth, set())
+    yield from _iter(obj, "", 0, max_depth, set(), object_depth)
 
 
 def _iter(
-    node: Any, path: str, depth: int, max_depth: int, seen: set[int]
+    node: Any, path: str, depth: int, max_depth: int, seen: set[int], object_depth: int = 1
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # A plain recursive function, not a closure: a self-referencing closure would form a
     # reference cycle and keep (shared-memory) tensors alive until the garbage collector runs.
@@ -50,16 +54,24 @@ def _iter(
     seen.add(id(node))
     if isinstance(node, list | tuple):
         for i, item in enumerate(node):
-            yield from _iter(item, _join(path, f"[{i}]"), depth + 1, max_depth, seen)
+            yield from _iter(item, _join(path, f"[{i}]"), depth + 1, max_depth, seen, object_depth)
     elif isinstance(node, dict):
         for key, value in node.items():
-            yield from _iter(value, _join(path, f"[{key!r}]"), depth + 1, max_depth, seen)
-    elif hasattr(node, "__dict__"):
+            sub = _join(path, f"[{key!r}]")
+            yield from _iter(value, sub, depth + 1, max_depth, seen, object_depth)
+    elif hasattr(node, "__dict__") and depth + object_depth - 1 < max_depth:
         for key, value in vars(node).items():
-            yield from _iter(value, _join(path, key), depth + 1, max_depth, seen)
+            sub = _join(path, key)
+            yield from _iter(value, sub, depth + object_depth, max_depth, seen, object_depth)
 
 
-def map_tensors(obj: Any, fn: Callable[[str, torch.Tensor], Any], *, max_depth: int = 10) -> Any:
+def map_tensors(
+    obj: Any,
+    fn: Callable[[str, torch.Tensor], Any],
+    *,
+    max_depth: int = 10,
+    object_depth: int = 1,
+) -> Any:
     """Return a copy of ``obj`` in which every tensor ``t`` at path ``p`` is ``fn(p, t)``.
 
     Containers are copied (shallowly, then rebuilt); everything else is shared with
@@ -69,11 +81,18 @@ def map_tensors(obj: Any, fn: Callable[[str, torch.Tensor], Any], *, max_depth: 
         obj: The object to transform.
         fn: Called with each tensor's path and the tensor; returns the replacement.
         max_depth: Containers nested deeper than this are returned unchanged.
+        object_depth: See :func:`iter_tensors`.
 
     Returns:
         The transformed copy.
     """
-    return map_matching(obj, lambda node: isinstance(node, torch.Tensor), fn, max_depth=max_depth)
+    return map_matching(
+        obj,
+        lambda node: isinstance(node, torch.Tensor),
+        fn,
+        max_depth=max_depth,
+        object_depth=object_depth,
+    )
 
 
 def map_matching(
@@ -82,6 +101,7 @@ def map_matching(
     fn: Callable[[str, Any], Any],
     *,
     max_depth: int = 10,
+    object_depth: int = 1,
 ) -> Any:
     """Return a copy of ``obj`` in which every node ``n`` with ``predicate(n)`` is replaced.
 
@@ -90,22 +110,28 @@ def map_matching(
         predicate: Selects the nodes to replace (they are not entered).
         fn: Called with each selected node's path and the node; returns the replacement.
         max_depth: Containers nested deeper than this are returned unchanged.
+        object_depth: See :func:`iter_tensors`.
 
     Returns:
         The transformed copy; containers are rebuilt, other objects shared.
     """
-    return _Mapper(predicate, fn, max_depth).walk(obj, "", 0)
+    return _Mapper(predicate, fn, max_depth, object_depth).walk(obj, "", 0)
 
 
 class _Mapper:
     """The recursion of :func:`map_matching` (a class, so no reference cycle is created)."""
 
     def __init__(
-        self, predicate: Callable[[Any], bool], fn: Callable[[str, Any], Any], max_depth: int
+        self,
+        predicate: Callable[[Any], bool],
+        fn: Callable[[str, Any], Any],
+        max_depth: int,
+        object_depth: int = 1,
     ) -> None:
         self.predicate = predicate
         self.fn = fn
         self.max_depth = max_depth
+        self.object_depth = object_depth
         self.memo: dict[int, Any] = {}
 
     def walk(self, node: Any, path: str, depth: int) -> Any:
@@ -135,9 +161,11 @@ class _Mapper:
                 new_dict[key] = self.walk(value, _join(path, f"[{key!r}]"), depth + 1)
             return new_dict
         if hasattr(node, "__dict__") and not isinstance(node, type):
+            if depth + self.object_depth - 1 >= self.max_depth:
+                return node
             new_obj = copy(node)
             memo[id(node)] = new_obj
             for key, value in vars(node).items():
-                vars(new_obj)[key] = self.walk(value, _join(path, key), depth + 1)
+                vars(new_obj)[key] = self.walk(value, _join(path, key), depth + self.object_depth)
             return new_obj
         return node

@@ -5,22 +5,32 @@
 * :class:`ThreadPoolClientTrainer` — clients run in a thread pool of ``num_parallels``
   threads; subclasses implement the instance method ``worker``.
 * :class:`ProcessPoolClientTrainer` — clients run in a persistent pool of
-  ``num_parallels`` spawned processes; subclasses implement the static method ``worker``.
-  Model parameters travel through a shared-memory arena, never through pickles.
+  ``num_parallels`` processes; subclasses implement the static method ``worker``. With
+  :attr:`IPCMode.SHARED_MEMORY` (the default) model parameters travel through a
+  shared-memory arena, never through pickles; with BlazeFL 2.x's :attr:`IPCMode.STORAGE`
+  configs, payloads and results travel as files in ``share_dir``.
 
-The names, signatures and semantics are BlazeFL 3.0's; ``docs/blazefl-differences.md``
-lists what emberfl does differently and why (results in ``cid_list`` order, a pool that
-lives across rounds, ``ClientError`` / ``WorkerDiedError``, one intra-op thread per client).
+The names, signatures and semantics are BlazeFL's (3.0, and 2.x where 3.0 dropped
+something: ``IPCMode``, ``share_dir``, three type parameters for the process pool);
+``docs/blazefl-differences.md`` lists what emberfl does differently and why (results in
+``cid_list`` order, a pool that lives across rounds, ``ClientError`` / ``WorkerDiedError``,
+one intra-op thread per client).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from typing import Protocol, TypeVar, cast
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
+
+import torch
 
 from emberfl.core._process_pool import ClientJob, ProcessPool, StartMethod
 from emberfl.core.intra_op import intra_op_threads
@@ -29,6 +39,7 @@ from emberfl.errors import ClientError, ConfigError
 __all__ = [
     "BaseClientTrainer",
     "ClientJob",
+    "IPCMode",
     "ProcessPoolClientTrainer",
     "StartMethod",
     "ThreadPoolClientTrainer",
@@ -40,9 +51,47 @@ ClientConfig = TypeVar("ClientConfig")
 BufferPackage = TypeVar("BufferPackage")
 
 
-def _cuda_device(device: str, device_count: int, cid: int) -> str:
-    if device == "cuda" and device_count > 0:
-        return f"cuda:{cid % device_count}"
+class IPCMode(StrEnum):
+    """How a process pool exchanges data with its workers (BlazeFL 2.x's ``ipc_mode``).
+
+    ``STORAGE``: the parent saves the payload and each client's config with
+    ``torch.save`` into ``share_dir``, the worker receives their paths, saves its result
+    and returns that file's path. ``SHARED_MEMORY``: configs and payloads are objects, the
+    payload's tensors and the uplink buffers live in shared memory (BlazeFL 3.0's only
+    mode, and emberfl's default).
+
+    Both spellings BlazeFL used are accepted: ``IPCMode("storage")`` (2.0.0-2.0.1) and
+    ``IPCMode("STORAGE")`` (2.0.2 on) give the same member, and a member compares equal
+    to either string.
+    """
+
+    STORAGE = "storage"
+    SHARED_MEMORY = "shared_memory"
+
+    @classmethod
+    def _missing_(cls, value: object) -> IPCMode | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.value == other.lower()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _cuda_device(trainer: Any, cid: int) -> str:
+    # As in BlazeFL, device_count is only read (and need only be set) for device "cuda".
+    device: str = trainer.device
+    if device == "cuda":
+        device_count = getattr(trainer, "device_count", 0) or 0
+        if device_count > 0:
+            return f"cuda:{cid % device_count}"
     return device
 
 
@@ -154,7 +203,7 @@ class ThreadPoolClientTrainer(
         Returns:
             A device string.
         """
-        return _cuda_device(self.device, self.device_count, cid)
+        return _cuda_device(self, cid)
 
     def local_process(self, payload: DownlinkPackage, cid_list: list[int]) -> None:
         """Train ``cid_list`` in the thread pool and append their packages to ``cache``.
@@ -198,6 +247,10 @@ class ProcessPoolClientTrainer(
 ):
     """Run clients in a persistent pool of ``num_parallels`` worker processes.
 
+    The type parameters are BlazeFL 3.0's ``[Uplink, Downlink, Config, Buffer]``; BlazeFL
+    2.x's and 3.0.0a1's ``[Uplink, Downlink, Config]`` is accepted too and means a buffer
+    of the uplink type.
+
     Subclasses set the attributes below in ``__init__`` and implement
     :meth:`get_client_config`, :meth:`prepare_uplink_package_buffer` and the static
     :meth:`worker`. The pool starts on the first :meth:`local_process` call and lives
@@ -208,9 +261,15 @@ class ProcessPoolClientTrainer(
     arena slot (the ``shm_buffer`` argument), from which the parent copies them before
     handing that worker its next client. Shared memory is therefore bounded by
     ``num_parallels``, whatever the number of clients. Results reach ``cache`` in
-    ``cid_list`` order. Objects shared by all client configs (data sets, model
-    selectors) are sent to each worker once and kept there; mutate them in the parent
-    only before the pool starts (or call :meth:`shutdown` afterwards).
+    ``cid_list`` order. Objects shared by several client configs (data sets, model
+    selectors) are sent to each worker once; every round the parent checks them for
+    changes (their pickled form without tensors, and each tensor's identity and in-place
+    version counter) and sends a changed one again, and each client gets its own copy
+    of them, as if its config had been pickled for it alone.
+
+    With ``ipc_mode = IPCMode.STORAGE`` (BlazeFL 2.x) the worker is called as
+    ``worker(config_path, payload_path, device, stop_event)`` and returns the path of
+    the package it saved; see :class:`IPCMode`.
 
     Attributes:
         num_parallels: Number of worker processes.
@@ -218,8 +277,14 @@ class ProcessPoolClientTrainer(
             specific device.
         device_count: Number of CUDA devices.
         cache: Uplink packages waiting for :meth:`uplink_package`.
-        stop_event: A multiprocessing event (``multiprocessing.get_context("spawn")
-            .Event()`` or a ``Manager().Event()``) shared with the workers.
+        stop_event: Set to ask running workers to stop. A multiprocessing event
+            (``multiprocessing.get_context("spawn").Event()`` or a ``Manager().Event()``)
+            reaches the workers as it is; a ``threading.Event`` is mirrored into a
+            multiprocessing event the workers receive (set within half a second).
+        ipc_mode: :class:`IPCMode`, or ``None`` (the default) for BlazeFL's defaults:
+            ``STORAGE`` when the trainer has a ``share_dir`` (a 2.x trainer) and
+            ``SHARED_MEMORY`` otherwise.
+        share_dir: Where ``STORAGE`` mode writes ``payload.pkl`` and ``<cid>.pkl``.
         intra_op_threads: ``torch.set_num_threads`` value in each worker, or ``None``.
         drain_timeout_s: After an error or Ctrl-C, how long running clients get to stop
             before the workers are killed (the pool then restarts on the next call).
@@ -240,6 +305,21 @@ class ProcessPoolClientTrainer(
     intra_op_threads: int | None = 1
     drain_timeout_s: float = 10.0
     start_method: StartMethod = "auto"
+    ipc_mode: IPCMode | None = None
+    share_dir: Path | None = None
+
+    def __class_getitem__(cls, params: Any) -> Any:
+        """Accept BlazeFL 2.x's three type parameters as well as 3.0's four.
+
+        Args:
+            params: The type arguments.
+
+        Returns:
+            The parameterised class.
+        """
+        if cls is ProcessPoolClientTrainer and isinstance(params, tuple) and len(params) == 3:
+            params = (*params, params[0])
+        return super().__class_getitem__(params)  # type: ignore[misc]
 
     def progress_fn(self, it: list[ClientJob[BufferPackage]]) -> Iterable[ClientJob[BufferPackage]]:
         """Wrap the jobs for progress reporting (e.g. ``tqdm(it)``); no-op by default.
@@ -272,7 +352,7 @@ class ProcessPoolClientTrainer(
         Returns:
             A device string.
         """
-        return _cuda_device(self.device, self.device_count, cid)
+        return _cuda_device(self, cid)
 
     @staticmethod
     def worker(
@@ -343,24 +423,67 @@ class ProcessPoolClientTrainer(
             TensorMismatchError: If a worker left a tensor of the wrong shape or dtype in
                 its ``shm_buffer``.
         """
+        mode = self._ipc_mode()
         pool = self._emberfl_pool()
         self.stop_event.clear()
+        pool.stop_event.clear()
         try:
-            try:
-                template: BufferPackage | None = self.prepare_uplink_package_buffer()
-            except NotImplementedError:
-                template = None
-            clients = [
-                (cid, self.get_client_device(cid), self.get_client_config(cid)) for cid in cid_list
-            ]
-            jobs: list[ClientJob[BufferPackage]] = pool.start_round(
-                type(self).worker, payload, template, clients
-            )
-            results = [self.convert_buffer_to_uplink(job.get()) for job in self.progress_fn(jobs)]
+            if mode is IPCMode.STORAGE:
+                results = self._storage_round(pool, payload, cid_list)
+            else:
+                try:
+                    template: BufferPackage | None = self.prepare_uplink_package_buffer()
+                except NotImplementedError:
+                    template = None
+                clients = [
+                    (cid, self.get_client_device(cid), self.get_client_config(cid))
+                    for cid in cid_list
+                ]
+                jobs: list[ClientJob[BufferPackage]] = pool.start_round(
+                    type(self).worker, payload, template, clients, fresh_shared=True
+                )
+                results = [
+                    self.convert_buffer_to_uplink(job.get()) for job in self.progress_fn(jobs)
+                ]
         finally:
             self.stop_event.set()
+            pool.stop_event.set()
             pool.finish_round()
         self.cache.extend(results)
+
+    def _ipc_mode(self) -> IPCMode:
+        mode = self.ipc_mode
+        if mode is None:
+            return IPCMode.STORAGE if self.share_dir is not None else IPCMode.SHARED_MEMORY
+        try:
+            return IPCMode(mode)
+        except ValueError:
+            raise ConfigError(
+                f"{type(self).__name__}.ipc_mode={mode!r} is not one of "
+                f"{', '.join(repr(m.value) for m in IPCMode)}"
+            ) from None
+
+    def _storage_round(
+        self, pool: ProcessPool, payload: DownlinkPackage, cid_list: list[int]
+    ) -> list[UplinkPackage]:
+        if self.share_dir is None:
+            raise ConfigError(
+                f"{type(self).__name__} uses ipc_mode=IPCMode.STORAGE but has no share_dir "
+                "to exchange files in; set self.share_dir (or use IPCMode.SHARED_MEMORY)"
+            )
+        share_dir = Path(self.share_dir)
+        share_dir.mkdir(parents=True, exist_ok=True)
+        payload_path = share_dir / "payload.pkl"
+        torch.save(payload, payload_path)
+        clients: list[tuple[int, str, Any]] = []
+        for cid in cid_list:
+            config_path = share_dir / f"{cid}.pkl"
+            torch.save(self.get_client_config(cid), config_path)
+            clients.append((cid, self.get_client_device(cid), config_path))
+        jobs: list[ClientJob[Any]] = pool.start_round(
+            _StorageWorker(type(self).worker), payload_path, None, clients
+        )
+        return [self.convert_buffer_to_uplink(_load_result(job)) for job in self.progress_fn(jobs)]
 
     def start(self) -> None:
         """Start the worker processes now rather than on the first round.
@@ -380,7 +503,7 @@ class ProcessPoolClientTrainer(
             pool is not None
             and pool.alive()
             and pool.num_workers == self.num_parallels
-            and pool.stop_event is self.stop_event
+            and pool.user_stop_event is self.stop_event
             and pool.intra_op_threads == self.intra_op_threads
             and pool.requested_start_method == self.start_method
         ):
@@ -388,17 +511,19 @@ class ProcessPoolClientTrainer(
             return pool
         if pool is not None:
             pool.close()
-        if isinstance(self.stop_event, threading.Event):
-            raise ConfigError(
-                f"{type(self).__name__}.stop_event is a threading.Event, which worker "
-                "processes cannot share; use multiprocessing.get_context('spawn').Event() "
-                "(or a multiprocessing Manager().Event())"
-            )
         if self.num_parallels < 1:
             raise ConfigError(f"num_parallels must be >= 1, got {self.num_parallels}")
+        stop_event: Any = self.stop_event
+        mirror = None
+        if isinstance(stop_event, threading.Event):
+            # Worker processes cannot share a threading.Event: they get a multiprocessing
+            # event that the pool sets whenever this one is set.
+            mirror = stop_event
+            stop_event = multiprocessing.get_context("spawn").Event()
         pool = ProcessPool(
             self.num_parallels,
-            self.stop_event,
+            stop_event,
+            mirror_event=mirror,
             intra_op_threads=self.intra_op_threads,
             drain_timeout_s=self.drain_timeout_s,
             start_method=self.start_method,
@@ -444,3 +569,29 @@ class ProcessPoolClientTrainer(
         """Call :meth:`shutdown` when the trainer is garbage collected."""
         with suppress(Exception):
             self.shutdown()
+
+
+class _StorageWorker:
+    """Calls a storage-mode worker as BlazeFL 2.x does: four arguments, no ``shm_buffer``."""
+
+    def __init__(self, worker: Callable[..., Any]) -> None:
+        self.worker = worker
+
+    def __call__(self, config: Path, payload: Path, device: str, stop_event: Any, **_: Any) -> Any:
+        return self.worker(config, payload, device, stop_event)
+
+
+def _load_result(job: ClientJob[Any]) -> Any:
+    result = job.get()
+    if not isinstance(result, str | os.PathLike):
+        raise ClientError(
+            job.cid,
+            "in ipc_mode=IPCMode.STORAGE a worker saves its package with torch.save and "
+            f"returns the file's path; it returned a {type(result).__name__}",
+        )
+    try:
+        return torch.load(result, weights_only=False)
+    except Exception as exc:
+        raise ClientError(
+            job.cid, f"its package could not be loaded from {os.fspath(result)!r}: {exc}"
+        ) from exc

@@ -10,6 +10,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from emberfl.errors import LengthMismatchError
+
 __all__ = ["FilteredDataset", "PartitionedDataset"]
 
 PartitionType = TypeVar("PartitionType", bound=StrEnum, contravariant=True)
@@ -97,10 +99,11 @@ class FilteredDataset(Dataset[Any]):
             target_transform: Applied to each target on access.
 
         Raises:
-            ValueError: If data and targets differ in length.
+            LengthMismatchError: If data and targets differ in length (a ``ValueError``
+                and an ``AssertionError``).
         """
         if original_targets is not None and len(original_data) != len(original_targets):
-            raise ValueError(
+            raise LengthMismatchError(
                 "original_data and original_targets must have the same length, got "
                 f"{len(original_data)} and {len(original_targets)}"
             )

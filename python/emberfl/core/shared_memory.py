@@ -35,7 +35,11 @@ def process_tensors_in_object(obj: T, mode: Literal["move", "replace"], max_dept
         mode: ``"move"`` calls :meth:`torch.Tensor.share_memory_` on each tensor, in place,
             and returns ``obj``; ``"replace"`` returns a copy of ``obj`` in which each tensor
             is an :class:`SHMHandle`.
-        max_depth: Containers nested deeper than this are left alone.
+        max_depth: How deep to look, counted as BlazeFL counts: the object is at depth 0,
+            an item of a list, tuple or dict one level below its container, and an
+            attribute two levels below its object (its ``__dict__`` is a level of its
+            own). Tensors at depth ``max_depth`` are still processed; containers there
+            are not entered.
 
     Returns:
         ``obj`` itself (``"move"``) or the copy with handles (``"replace"``).
@@ -44,11 +48,13 @@ def process_tensors_in_object(obj: T, mode: Literal["move", "replace"], max_dept
         ValueError: If ``mode`` is not one of the two above.
     """
     if mode == "move":
-        for _, tensor in iter_tensors(obj, max_depth=max_depth):
+        for _, tensor in iter_tensors(obj, max_depth=max_depth, object_depth=2):
             tensor.share_memory_()  # type: ignore[no-untyped-call]
         return obj
     if mode == "replace":
-        result: T = map_tensors(obj, lambda _path, _t: SHMHandle(), max_depth=max_depth)
+        result: T = map_tensors(
+            obj, lambda _path, _t: SHMHandle(), max_depth=max_depth, object_depth=2
+        )
         return result
     raise ValueError(f"mode must be 'move' or 'replace', got {mode!r}")
 
