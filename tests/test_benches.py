@@ -100,3 +100,41 @@ def test_side_by_side_plan_and_summary() -> None:
     assert summary["speedup"]["process/P2 vs blazefl"] == pytest.approx(4.0)
     assert summary["speedup"]["process/P2 vs flower"] == pytest.approx(5.0)
     assert "| blazefl | process | 2 |" in side_by_side.markdown(summary, records)  # type: ignore[arg-type]
+
+
+def test_blazefl_pipeline_runs_on_emberfl_in_both_ipc_modes(data_dir: Path, tmp_path: Path) -> None:
+    """The peer runner with ``--package emberfl`` (what ``bench_ipc_modes.py`` compares with
+    BlazeFL 2.0.x): BlazeFL's contrib pipeline on emberfl, storage and shared-memory IPC."""
+    import subprocess
+
+    checksums = []
+    for ipc_mode in ("storage", "shared_memory"):
+        out = tmp_path / f"{ipc_mode}.json"
+        subprocess.run(
+            [
+                sys.executable,
+                str(BENCHES / "peers" / "blazefl_runner.py"),
+                "--package",
+                "emberfl",
+                "--ipc-mode",
+                ipc_mode,
+                "--data-dir",
+                str(data_dir),
+                "--config-json",
+                json.dumps(TINY.to_dict()),
+                "--mode",
+                "process",
+                "--parallelism",
+                "2",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        record = json.loads(out.read_text())
+        assert record["framework"] == "emberfl" and record["ipc_mode"] == ipc_mode
+        assert len(record["round_seconds"]) == TINY.rounds
+        checksums.append(record["checksum"])
+    assert checksums[0] == checksums[1]

@@ -13,14 +13,21 @@ Modes: ``serial`` (``FedAvgBaseClientTrainer``), ``thread``
 it still runs, PyTorch kernels release the GIL) and ``process``
 (``FedAvgProcessPoolClientTrainer``).
 
+BlazeFL 2.0.x's process trainer takes ``share_dir`` and ``ipc_mode``: ``--ipc-mode
+storage|shared_memory`` passes them (``benches/bench_ipc_modes.py``). ``--package emberfl``
+runs the same pipeline on ``emberfl.contrib`` (BlazeFL's classes on emberfl, imports
+changed), so the two are compared on exactly the same code.
+
 Usage:
     <blazefl-venv>/bin/python benches/peers/blazefl_runner.py --data-dir DIR \\
-        --config-json '{...}' --mode process --parallelism 2 --threads 1 --out FILE
+        --config-json '{...}' --mode process --parallelism 2 --threads 1 --out FILE \\
+        [--ipc-mode storage] [--package emberfl]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -54,12 +61,13 @@ def _make_trainer(
     selector: WorkloadModelSelector,
     parallelism: int,
     state_dir: Path,
+    package: str = "blazefl",
+    ipc_mode: str | None = None,
 ) -> Any:
-    from blazefl.contrib import (
-        FedAvgBaseClientTrainer,
-        FedAvgProcessPoolClientTrainer,
-        FedAvgThreadPoolClientTrainer,
-    )
+    contrib = importlib.import_module(f"{package}.contrib")
+    FedAvgBaseClientTrainer = contrib.FedAvgBaseClientTrainer
+    FedAvgProcessPoolClientTrainer = contrib.FedAvgProcessPoolClientTrainer
+    FedAvgThreadPoolClientTrainer = contrib.FedAvgThreadPoolClientTrainer
 
     common: dict[str, Any] = {
         "model_selector": selector,
@@ -77,14 +85,24 @@ def _make_trainer(
     if mode == "thread":
         return FedAvgThreadPoolClientTrainer(num_parallels=parallelism, **common)
     if mode == "process":
+        ipc: dict[str, Any] = {}
+        if ipc_mode is not None:  # BlazeFL 2.0.x's arguments
+            ipc = {"share_dir": state_dir / "share", "ipc_mode": ipc_mode}
         return FedAvgProcessPoolClientTrainer(
-            state_dir=state_dir, num_parallels=parallelism, **common
+            state_dir=state_dir / "state", num_parallels=parallelism, **common, **ipc
         )
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
 def run_blazefl(
-    config: WorkloadConfig, data_dir: Path, *, mode: str, parallelism: int, threads: int
+    config: WorkloadConfig,
+    data_dir: Path,
+    *,
+    mode: str,
+    parallelism: int,
+    threads: int,
+    pkg: str = "blazefl",
+    ipc_mode: str | None = None,
 ) -> dict[str, Any]:
     """Run BlazeFL's FedAvg on the workload and return the JSON record.
 
@@ -94,11 +112,13 @@ def run_blazefl(
         mode: ``serial``, ``thread`` or ``process``.
         parallelism: Clients at once (1 for ``serial``).
         threads: PyTorch intra-op threads per client (also exported to child processes).
+        pkg: ``blazefl``, or ``emberfl`` for BlazeFL's classes on emberfl.
+        ipc_mode: BlazeFL 2.0.x's IPC mode for ``process`` (``None``: 3.0's signature).
 
     Returns:
         The record.
     """
-    from blazefl.contrib import FedAvgBaseServerHandler
+    FedAvgBaseServerHandler = importlib.import_module(f"{pkg}.contrib").FedAvgBaseServerHandler
 
     pin_threads(threads)
     warm_up_torch()
@@ -120,7 +140,9 @@ def run_blazefl(
     breakdown: list[dict[str, float]] = []
     summary: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="blazefl-bench-") as state:
-        trainer = _make_trainer(mode, config, dataset, selector, parallelism, Path(state))
+        trainer = _make_trainer(
+            mode, config, dataset, selector, parallelism, Path(state), pkg, ipc_mode
+        )
         try:
             while not handler.if_stop():
                 t0 = time.perf_counter()
@@ -146,12 +168,15 @@ def run_blazefl(
                     }
                 )
         finally:
+            shutdown = getattr(trainer, "shutdown", None)
             manager = getattr(trainer, "manager", None)
-            if manager is not None:
+            if shutdown is not None:
+                shutdown()
+            elif manager is not None:
                 manager.shutdown()
     return result_record(
-        framework="blazefl",
-        framework_version=version("blazefl"),
+        framework=pkg,
+        framework_version=version(pkg),
         mode=mode,
         parallelism=parallelism,
         config=config,
@@ -161,7 +186,11 @@ def run_blazefl(
         data_dir=data_dir,
         summary=summary,
         breakdown=breakdown,
-        extra={"gil_enabled": bool(getattr(sys, "_is_gil_enabled", lambda: True)())},
+        extra={
+            "gil_enabled": bool(getattr(sys, "_is_gil_enabled", lambda: True)()),
+            "ipc_mode": ipc_mode,
+            "pipeline": "blazefl-contrib",
+        },
     )
 
 
@@ -174,12 +203,20 @@ def main() -> None:
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--package", choices=("blazefl", "emberfl"), default="blazefl")
+    parser.add_argument("--ipc-mode", choices=("storage", "shared_memory"))
     args = parser.parse_args()
     mp.set_start_method("spawn")  # as BlazeFL's benchmark
     config = WorkloadConfig.from_dict(json.loads(args.config_json))
     torch.manual_seed(config.seed)
     record = run_blazefl(
-        config, args.data_dir, mode=args.mode, parallelism=args.parallelism, threads=args.threads
+        config,
+        args.data_dir,
+        mode=args.mode,
+        parallelism=args.parallelism,
+        threads=args.threads,
+        pkg=args.package,
+        ipc_mode=args.ipc_mode,
     )
     text = json.dumps(record, indent=2)
     if args.out:
@@ -187,7 +224,8 @@ def main() -> None:
         args.out.write_text(text)
     print(text)
     print(
-        f"SUMMARY blazefl {record['mode']} P={record['parallelism']}: "
+        f"SUMMARY {args.package} {record['mode']} ipc={args.ipc_mode} "
+        f"P={record['parallelism']}: "
         f"{record['total_seconds']:.2f}s, checksum={record['checksum'][:12]}"
     )
 

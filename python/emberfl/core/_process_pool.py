@@ -154,8 +154,9 @@ class _StickyUnpickler(pickle.Unpickler):
         self._copies: dict[int, Any] = {}
 
     def persistent_load(self, pid: Any) -> Any:
-        if not self._fresh:
-            return self._state.sticky[pid]
+        shared = self._state.sticky[pid]
+        if not self._fresh or getattr(type(shared), "_emberfl_read_only", False):
+            return shared
         # A private copy for this client, as if its config had been pickled for it alone
         # (tensors stay zero-copy views of the shared arena).
         if pid not in self._copies:

@@ -53,9 +53,14 @@ class ModelTemplate:
     to shared memory as plain tensors; this wrapper holds the model's pickle instead, so its
     parameters come back as ``nn.Parameter`` with their ``requires_grad``.
 
+    Workers only copy it (``copy.deepcopy(template.model)``), so the process pool hands every
+    client of a worker the same instance (``_emberfl_read_only``) instead of a private copy.
+
     Attributes:
         data: The model, pickled.
     """
+
+    _emberfl_read_only = True
 
     def __init__(self, model: nn.Module) -> None:
         """Pickle ``model``.
