@@ -610,7 +610,8 @@ class ProcessPool:
             fresh_shared: Give each client its own copy of the objects shared by several
                 configs (rebuilt in the worker from what was sent once), so that a client
                 changing them does not affect the next client of the same worker. Without
-                it, a worker's clients share one copy (which may keep caches).
+                it, a worker's clients share one copy (which may keep caches). Objects
+                whose class sets ``_emberfl_read_only = True`` are always shared.
 
         Returns:
             The jobs; clients are dispatched as jobs are waited on.
