@@ -146,6 +146,11 @@ def _close_quietly(arena: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _read_only(obj: Any) -> bool:
+    # emberfl's own immutable carriers (ModelTemplate): never re-checked, never copied.
+    return bool(getattr(type(obj), "_emberfl_read_only", False))
+
+
 class _StickyUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, state: _WorkerState, fresh: bool) -> None:
         super().__init__(io.BytesIO(data))
@@ -155,7 +160,7 @@ class _StickyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         shared = self._state.sticky[pid]
-        if not self._fresh or getattr(type(shared), "_emberfl_read_only", False):
+        if not self._fresh or _read_only(shared):
             return shared
         # A private copy for this client, as if its config had been pickled for it alone
         # (tensors stay zero-copy views of the shared arena).
@@ -611,7 +616,8 @@ class ProcessPool:
                 configs (rebuilt in the worker from what was sent once), so that a client
                 changing them does not affect the next client of the same worker. Without
                 it, a worker's clients share one copy (which may keep caches). Objects
-                whose class sets ``_emberfl_read_only = True`` are always shared.
+                whose class sets ``_emberfl_read_only = True`` are always shared (and not
+                checked for changes).
 
         Returns:
             The jobs; clients are dispatched as jobs are waited on.
@@ -720,6 +726,7 @@ class ProcessPool:
             oid: packed
             for oid in keep
             if oid in self._sticky
+            and not _read_only(self._sticky[oid].obj)
             and (packed := self._repacked_if_changed(self._sticky[oid])) is not None
         }
         dropped = [s.token for oid, s in self._sticky.items() if oid not in keep or oid in changed]
