@@ -11,6 +11,7 @@ __all__ = [
     "ArenaError",
     "CheckpointError",
     "ClientError",
+    "ClientTimeoutError",
     "ConfigError",
     "DatasetNotFoundError",
     "EmberflError",
@@ -19,6 +20,7 @@ __all__ = [
     "LayoutMismatchError",
     "NonFiniteError",
     "PartitionError",
+    "PayloadWriteError",
     "SharedMemoryError",
     "SlotIndexError",
     "StaleHandleError",
@@ -100,6 +102,7 @@ class ClientError(EmberflError, RuntimeError):
             worker_traceback: The formatted traceback from the worker, if any.
         """
         text = f"client {cid}: {message}"
+        self.summary = text.splitlines()[0] if text else text
         if worker_traceback:
             text += f"\n\nworker traceback:\n{worker_traceback}"
         super().__init__(text)
@@ -109,3 +112,40 @@ class ClientError(EmberflError, RuntimeError):
 
 class WorkerDiedError(EmberflError, RuntimeError):
     """A worker process exited (killed by a signal, out of memory, ...) mid-round."""
+
+
+class ClientTimeoutError(ClientError):
+    """A client trained longer than the configured ``client_timeout``.
+
+    Attributes:
+        elapsed: Seconds the client had been training when it was stopped.
+        timeout: The limit, in seconds.
+        running: Every client still training when the limit was hit (this one included).
+    """
+
+    def __init__(
+        self, cid: int, elapsed: float, timeout: float, running: tuple[int, ...] = (), how: str = ""
+    ) -> None:
+        """Create the error.
+
+        Args:
+            cid: The client that ran out of time.
+            elapsed: Seconds it had been training.
+            timeout: The limit, in seconds.
+            running: Every client still training at that moment.
+            how: What was done about it (``"its worker process was killed"``).
+        """
+        others = [c for c in running if c != cid]
+        text = f"still training after {elapsed:.1f} s (client_timeout={timeout:g} s)"
+        if others:
+            text += f"; clients {', '.join(map(str, others))} were running too"
+        if how:
+            text += f"; {how}"
+        super().__init__(cid, text)
+        self.elapsed = elapsed
+        self.timeout = timeout
+        self.running = running
+
+
+class PayloadWriteError(ClientError):
+    """A client wrote into the round's broadcast, which every client of the round shares."""

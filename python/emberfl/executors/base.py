@@ -12,6 +12,7 @@ keep a round's memory proportional to the parallelism, not to the number of clie
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import traceback
 from abc import ABC, abstractmethod
@@ -135,6 +136,20 @@ def check_positive_int(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_timeout(name: str, value: object) -> float | None:
+    """Return ``value`` as seconds (``None`` stays ``None``) or raise ``ConfigError``."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number of seconds or None, got {value!r}")
+    return float(value)
+
+
 def as_client_error(cid: int, exc: BaseException) -> ClientError:
     """Wrap ``exc`` raised while client ``cid`` trained (keeping its traceback)."""
     if isinstance(exc, ClientError):
@@ -207,15 +222,27 @@ class Executor(ABC):
 
     name: ClassVar[str] = "executor"
 
-    def __init__(self, setup: ClientSetup, *, intra_op_threads: int | None = 1) -> None:
+    def __init__(
+        self,
+        setup: ClientSetup,
+        *,
+        intra_op_threads: int | None = 1,
+        client_timeout: float | None = None,
+    ) -> None:
         """Create the executor.
 
         Args:
             setup: The clients' data, model, batch size, seed and device.
             intra_op_threads: PyTorch's intra-op thread count while clients train.
+            client_timeout: Seconds a client may train before the round fails with a
+                :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
+
+        Raises:
+            ConfigError: A ``client_timeout`` that is not a positive number.
         """
         self.setup = setup
         self.intra_op_threads = intra_op_threads
+        self.client_timeout = check_timeout("client_timeout", client_timeout)
         self.stop_event = threading.Event()
 
     @property

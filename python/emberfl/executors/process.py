@@ -192,6 +192,7 @@ class ProcessExecutor(Executor):
         *,
         num_parallels: int,
         intra_op_threads: int | None = 1,
+        client_timeout: float | None = None,
         start_method: StartMethod = "auto",
         drain_timeout_s: float = 10.0,
     ) -> None:
@@ -202,6 +203,8 @@ class ProcessExecutor(Executor):
                 once: mutate them only before the first round, or :meth:`close` after).
             num_parallels: Worker processes (>= 1).
             intra_op_threads: PyTorch's intra-op thread count in each worker.
+            client_timeout: Seconds a client may train before the round fails with a
+                :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
             start_method: ``"auto"``, ``"fork"``, ``"spawn"`` or ``"forkserver"``.
             drain_timeout_s: Grace period for running clients after an error.
 
@@ -209,7 +212,9 @@ class ProcessExecutor(Executor):
             ConfigError: ``num_parallels < 1``.
         """
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(setup, intra_op_threads=intra_op_threads)
+        super().__init__(
+            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
+        )
         self.num_parallels = num_parallels
         self.start_method: StartMethod = start_method
         self.drain_timeout_s = drain_timeout_s

@@ -26,14 +26,24 @@ class SerialExecutor(Executor):
 
     name: ClassVar[str] = "serial"
 
-    def __init__(self, setup: ClientSetup, *, intra_op_threads: int | None = 1) -> None:
+    def __init__(
+        self,
+        setup: ClientSetup,
+        *,
+        intra_op_threads: int | None = 1,
+        client_timeout: float | None = None,
+    ) -> None:
         """Create the executor.
 
         Args:
             setup: The clients' setup.
             intra_op_threads: PyTorch's intra-op thread count while clients train.
+            client_timeout: Seconds a client may train before the round fails with a
+                :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
         """
-        super().__init__(setup, intra_op_threads=intra_op_threads)
+        super().__init__(
+            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
+        )
         self._model = setup.template()
 
     def run(self, plan: RoundPlan, consume: Consume) -> None:

@@ -42,7 +42,12 @@ class ThreadExecutor(Executor):
     name: ClassVar[str] = "thread"
 
     def __init__(
-        self, setup: ClientSetup, *, num_parallels: int, intra_op_threads: int | None = 1
+        self,
+        setup: ClientSetup,
+        *,
+        num_parallels: int,
+        intra_op_threads: int | None = 1,
+        client_timeout: float | None = None,
     ) -> None:
         """Create the executor.
 
@@ -50,12 +55,16 @@ class ThreadExecutor(Executor):
             setup: The clients' setup.
             num_parallels: Threads (>= 1).
             intra_op_threads: PyTorch's intra-op thread count while clients train.
+            client_timeout: Seconds a client may train before the round fails with a
+                :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
 
         Raises:
             ConfigError: ``num_parallels < 1``.
         """
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(setup, intra_op_threads=intra_op_threads)
+        super().__init__(
+            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
+        )
         self.num_parallels = num_parallels
         self._models: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         for _ in range(num_parallels):

@@ -152,6 +152,7 @@ class VectorizedExecutor(Executor):
         chunk_size: int | None = None,
         num_parallels: int = 1,
         intra_op_threads: int | None = 1,
+        client_timeout: float | None = None,
         conv: ConvMode = "auto",
         retain_memory: bool = True,
     ) -> None:
@@ -164,6 +165,8 @@ class VectorizedExecutor(Executor):
             num_parallels: Chunks trained at once, each in its own thread.
             intra_op_threads: PyTorch's intra-op thread count while training; keep 1 and
                 raise ``num_parallels`` to use more cores.
+            client_timeout: Seconds a client may train before the round fails with a
+                :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
             conv: How per-client convolutions run (:data:`~emberfl.core.vectorized.ConvMode`).
             retain_memory: Keep freed CPU memory in the heap between steps
                 (:func:`emberfl.core.heap.retain_freed_memory`, glibc only).
@@ -177,7 +180,9 @@ class VectorizedExecutor(Executor):
         ):
             raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(setup, intra_op_threads=intra_op_threads)
+        super().__init__(
+            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
+        )
         self.chunk_size = chunk_size
         self.num_parallels = num_parallels
         self.retain_memory = retain_memory
