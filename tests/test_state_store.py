@@ -68,7 +68,7 @@ def test_file_backing_lives_in_the_folder_and_is_removed(tmp_path: Path) -> None
         ClientStateStore({"c": 1}, backing="file", directory=tmp_path / "missing")
     with pytest.raises(ConfigError, match="at least one entry"):
         ClientStateStore({})
-    with pytest.raises(ConfigError, match=">= 1 element"):
+    with pytest.raises(ConfigError, match="size of client state entry 'c' must be a positive"):
         ClientStateStore({"c": 0})
 
 

@@ -34,7 +34,13 @@ from typing import Literal
 import torch
 
 from emberfl import _core
-from emberfl.errors import ArenaError, LayoutMismatchError, TensorMismatchError
+from emberfl._checks import as_int, check_int, check_slot
+from emberfl.errors import (
+    ArenaError,
+    InvalidArgumentError,
+    LayoutMismatchError,
+    TensorMismatchError,
+)
 
 __all__ = ["ArenaHandle", "LayoutEntry", "ParamArena"]
 
@@ -178,6 +184,8 @@ class ParamArena:
         Raises:
             SharedMemoryError: Not enough shared memory to reserve the arena.
             LayoutMismatchError: The model has no floating-point tensors.
+            InvalidArgumentError: ``num_slots`` is not a positive integer, or an unknown
+                ``backing``.
         """
         layout, skipped = _layout_of(_state_of(model))
         return cls.from_layout(layout, num_slots, skipped=skipped, backing=backing, shm_dir=shm_dir)
@@ -203,13 +211,17 @@ class ParamArena:
 
         Returns:
             The new arena.
+
+        Raises:
+            SharedMemoryError: Not enough shared memory to reserve the arena.
+            InvalidArgumentError: ``num_slots`` is not a positive integer (``1.5``, ``"3"``,
+                ``True``, ``0``), or an unknown ``backing``.
         """
         if backing not in ("memfd", "shm"):
-            raise ValueError(f"unknown backing {backing!r}: use 'memfd' or 'shm'")
-        if int(num_slots) < 1:
-            raise ValueError(f"num_slots={num_slots}: an arena needs at least one slot")
+            raise InvalidArgumentError(f"unknown backing {backing!r}: use 'memfd' or 'shm'")
+        slots = check_int(num_slots, "num_slots", low=1)
         dim = sum(e.numel for e in layout)
-        core = _core.Arena.create(int(num_slots), dim, backing=backing, shm_dir=shm_dir)
+        core = _core.Arena.create(slots, dim, backing=backing, shm_dir=shm_dir)
         return cls(core, layout, skipped, owner=True)
 
     @classmethod
@@ -281,28 +293,21 @@ class ParamArena:
 
         Returns:
             The state-dict key, e.g. ``"conv1.weight"``.
+
+        Raises:
+            InvalidArgumentError: ``index`` is not an integer.
+            IndexError: It is outside a slot.
         """
+        index = as_int(index, "index")
         for e in self._layout:
             if e.offset <= index < e.offset + e.numel:
                 return e.name
         raise IndexError(f"parameter index {index} is outside a slot of {self.dim} parameters")
 
     # -- slot access ----------------------------------------------------------------------
-    def _check(self, i: int) -> int:
+    def _check(self, i: int, name: str = "slot index") -> int:
         self._live  # noqa: B018 - raises if closed
-        if isinstance(i, bool) or not isinstance(i, int):
-            try:
-                i = int(i.__index__())  # numpy / torch integers
-            except AttributeError:
-                raise TypeError(f"slot index must be an int, got {type(i).__name__}") from None
-        if not 0 <= i < self.num_slots:
-            from emberfl.errors import SlotIndexError
-
-            raise SlotIndexError(
-                f"slot {i} is out of range: the arena has {self.num_slots} slots "
-                f"(0..{self.num_slots - 1})"
-            )
-        return i
+        return check_slot(i, self.num_slots, name=name)
 
     def slot(self, i: int) -> torch.Tensor:
         """Return slot ``i`` as a flat float32 ``(dim,)`` view (writes go to shared memory).
@@ -312,6 +317,10 @@ class ParamArena:
 
         Returns:
             A zero-copy view.
+
+        Raises:
+            InvalidArgumentError: ``i`` is not an integer (numpy and torch integers are).
+            SlotIndexError: ``i`` is out of range.
         """
         return self._tensor[self._check(i)]
 
@@ -386,8 +395,12 @@ class ParamArena:
         Args:
             src: Source slot.
             dst: Destination slot.
+
+        Raises:
+            InvalidArgumentError: An index that is not an integer.
+            SlotIndexError: An index out of range.
         """
-        self._live.copy_slot(self._check(src), self._check(dst))
+        self._live.copy_slot(self._check(src, "src"), self._check(dst, "dst"))
 
     def _check_names(self, state: Mapping[str, torch.Tensor]) -> None:
         expected = self._by_name.keys()

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from emberfl._checks import as_int, check_int
 from emberfl.arena import ArenaHandle, LayoutEntry, ParamArena
 from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.errors import CheckpointError, ConfigError, TensorMismatchError
@@ -67,9 +68,10 @@ class StateLocation:
 def _entries(spec: Mapping[str, int]) -> tuple[LayoutEntry, ...]:
     entries = []
     offset = 0
-    for name, numel in spec.items():
-        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-            raise ConfigError(f"client state entry {name!r} must have >= 1 element, got {numel!r}")
+    for name, size in spec.items():
+        numel = check_int(
+            size, f"the size of client state entry {name!r}", low=1, error=ConfigError
+        )
         entries.append(LayoutEntry(name, (numel,), offset, numel, "torch.float32"))
         offset += numel
     if not entries:
@@ -109,7 +111,9 @@ class ClientStateStore:
                 4096, at least 1).
 
         Raises:
-            ConfigError: An empty or invalid spec, an unknown backing, or a missing folder.
+            ConfigError: An empty or invalid spec (a size that is not a positive integer),
+                an unknown backing, a missing folder, or a ``segment_slots`` that is not a
+                positive integer.
         """
         self._layout = _entries(spec)
         self.spec = {e.name: e.numel for e in self._layout}
@@ -124,9 +128,7 @@ class ClientStateStore:
         self.directory = None if directory is None else str(directory)
         if segment_slots is None:
             segment_slots = max(1, min(MAX_SEGMENT_SLOTS, SEGMENT_BYTES // (4 * self.dim)))
-        if isinstance(segment_slots, bool) or segment_slots < 1:
-            raise ConfigError(f"segment_slots must be >= 1, got {segment_slots}")
-        self.segment_slots = int(segment_slots)
+        self.segment_slots = check_int(segment_slots, "segment_slots", low=1, error=ConfigError)
         self._segments: list[ParamArena] = []
         self._where: dict[int, tuple[int, int]] = {}
         self._written: set[int] = set()
@@ -154,14 +156,19 @@ class ClientStateStore:
         return cid in self._written
 
     def mark_written(self, cid: int) -> None:
-        """Record that client ``cid``'s state holds a result (it is saved by :meth:`save`)."""
+        """Record that client ``cid``'s state holds a result (it is saved by :meth:`save`).
+
+        Raises:
+            ConfigError: ``cid`` is not a non-negative integer.
+            KeyError: The client has no slot.
+        """
+        cid = check_int(cid, "client id", error=ConfigError)
         if cid not in self._where:
             raise KeyError(f"client {cid} has no state slot")
         self._written.add(cid)
 
     def _slot(self, cid: int) -> tuple[int, int]:
-        if isinstance(cid, bool) or not isinstance(cid, int) or cid < 0:
-            raise ConfigError(f"client ids are non-negative integers, got {cid!r}")
+        cid = check_int(cid, "client id", error=ConfigError)
         where = self._where.get(cid)
         if where is not None:
             return where
@@ -186,6 +193,9 @@ class ClientStateStore:
 
         Returns:
             ``name -> (elements,)`` float32 views of shared memory.
+
+        Raises:
+            ConfigError: ``cid`` is not a non-negative integer.
         """
         segment, slot = self._slot(cid)
         return _views(self._segments[segment], slot)
@@ -198,6 +208,9 @@ class ClientStateStore:
 
         Returns:
             A picklable location; see :func:`attach_state`.
+
+        Raises:
+            ConfigError: ``cid`` is not a non-negative integer.
         """
         segment, slot = self._slot(cid)
         return StateLocation(self._segments[segment].handle, slot)
@@ -316,14 +329,16 @@ def attach_state(location: StateLocation) -> dict[str, torch.Tensor]:
 
     Raises:
         TensorMismatchError: The slot is outside the arena.
+        InvalidArgumentError: The slot is not an integer.
     """
+    slot = as_int(location.slot, "the client state slot")
     key = location.handle.raw
     arena = _ATTACHED.get(key)
     if arena is None:
         arena = ParamArena.attach(location.handle)
         _ATTACHED[key] = arena
-    if not 0 <= location.slot < arena.num_slots:
+    if not 0 <= slot < arena.num_slots:
         raise TensorMismatchError(
-            f"client state slot {location.slot} is outside its arena of {arena.num_slots} slots"
+            f"client state slot {slot} is outside its arena of {arena.num_slots} slots"
         )
-    return _views(arena, location.slot)
+    return _views(arena, slot)

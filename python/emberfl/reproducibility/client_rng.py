@@ -12,6 +12,7 @@ import random
 
 import torch
 
+from emberfl._checks import U64_MAX, check_int
 from emberfl.reproducibility.snapshot import RNGSuite
 from emberfl.rng import Purpose, numpy_generator, stream
 
@@ -36,7 +37,14 @@ def client_rng_suite(
 
     Returns:
         A fresh :class:`RNGSuite`; the global random state is not touched.
+
+    Raises:
+        InvalidArgumentError: An argument that is not an unsigned 64-bit integer.
     """
+    seed = check_int(seed, "seed", high=U64_MAX)
+    cid = check_int(cid, "cid", high=U64_MAX)
+    round = check_int(round, "round", high=U64_MAX)
+    purpose = check_int(purpose, "purpose", high=U64_MAX)
     torch_seed = stream(seed, purpose=purpose, client=cid, round=round).torch_seed()
     numpy_rng = numpy_generator(seed, purpose=purpose, client=cid, round=round)
     words = numpy_rng.bit_generator.random_raw(4)

@@ -16,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from emberfl._checks import U32_MAX, U64_MAX, check_int
+
 __all__ = [
     "RNGSuite",
     "RandomStateSnapshot",
@@ -32,8 +34,12 @@ def setup_reproducibility(seed: int) -> None:
     cuDNN choose deterministic algorithms.
 
     Args:
-        seed: The value for ``PYTHONHASHSEED``.
+        seed: The value for ``PYTHONHASHSEED`` (``0..2**32-1``, the values Python accepts).
+
+    Raises:
+        InvalidArgumentError: ``seed`` is not an integer in ``0..2**32-1``.
     """
+    seed = check_int(seed, "seed", high=U32_MAX)
     os.environ["PYTHONHASHSEED"] = str(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -44,8 +50,12 @@ def seed_everything(seed: int) -> None:
     :func:`setup_reproducibility`).
 
     Args:
-        seed: The seed.
+        seed: The seed (``0..2**32-1``, what NumPy's global generator accepts).
+
+    Raises:
+        InvalidArgumentError: ``seed`` is not an integer in ``0..2**32-1``.
     """
+    seed = check_int(seed, "seed", high=U32_MAX)
     setup_reproducibility(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -144,11 +154,15 @@ def create_rng_suite(seed: int) -> RNGSuite:
     client, use :func:`emberfl.reproducibility.client_rng_suite`.
 
     Args:
-        seed: The seed.
+        seed: The seed (unsigned 64-bit).
 
     Returns:
         The suite.
+
+    Raises:
+        InvalidArgumentError: ``seed`` is not an integer in ``0..2**64-1``.
     """
+    seed = check_int(seed, "seed", high=U64_MAX)
     torch_cuda = None
     if torch.cuda.is_available():
         torch_cuda = torch.Generator(device="cuda").manual_seed(seed)
