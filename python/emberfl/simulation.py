@@ -185,7 +185,8 @@ class Simulation:
 
         Raises:
             ClientError: A client failed; the server state is unchanged.
-            NonFiniteError: A client sent NaN or infinity (named with the tensor).
+            NonFiniteError: A client sent NaN or infinity (the message names the client,
+                the stream, the layer, the index inside the layer and the value).
             TensorMismatchError: A client's uplink does not match the declared streams.
         """
         if self._broken is not None:
@@ -278,14 +279,15 @@ class Simulation:
         folds: dict[str, WeightedSum] = {}
         kept: dict[str, UpdateSet] = {}
         for name, spec in self.streams.items():
+            # A model-sized stream is named by layer in a non-finite update's message.
+            layout = self.layout.items if spec.dim == self.layout.dim else None
             if name == self.algorithm.main_stream and self.aggregator.needs_all_updates:
-                kept[name] = UpdateSet(max(count, 1), spec.dim, name=name, spill_dir=self.spill_dir)
+                kept[name] = UpdateSet(
+                    max(count, 1), spec.dim, name=name, layout=layout, spill_dir=self.spill_dir
+                )
                 continue
-            describe: Callable[[int], str] | None = (
-                self.layout.name_at if spec.dim == self.layout.dim else None
-            )
             folds[name] = WeightedSum(
-                spec.dim, name=name, describe=describe, num_threads=self.aggregation_threads
+                spec.dim, name=name, layout=layout, num_threads=self.aggregation_threads
             )
         return folds, kept
 

@@ -11,17 +11,20 @@ beyond those in flight. Rules that need every update at once (coordinate-wise
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from emberfl._checks import check_int, check_real
 from emberfl.aggregation import kernels
+from emberfl.aggregation._non_finite import Entry, has_non_finite
+from emberfl.aggregation.streaming import non_finite_update
 from emberfl.arena import LayoutEntry, ParamArena
-from emberfl.errors import InvalidArgumentError, NonFiniteError, SharedMemoryError
+from emberfl.errors import InvalidArgumentError, SharedMemoryError
 
 __all__ = ["Aggregator", "Mean", "Median", "TrimmedMean", "UpdateSet"]
 
@@ -58,26 +61,31 @@ class UpdateSet:
         dim: int,
         *,
         name: str = "delta",
+        layout: Sequence[Entry] | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Reserve room for ``count`` updates of ``dim`` floats.
 
         Args:
             count: Updates in the round (>= 1).
-            dim: Floats per update.
+            dim: Floats per update (>= 1).
             name: The stream, for messages.
+            layout: The named tensors of an update (``ModelLayout.items``), so that a
+                non-finite value is reported by layer and index inside the layer.
             spill_dir: Folder for the file when memory is short (default: the system's
                 temporary folder).
 
         Raises:
+            InvalidArgumentError: ``count`` or ``dim`` is not a positive integer.
             SharedMemoryError: Neither memory nor ``spill_dir`` has room; nothing is left
                 behind.
         """
-        if count < 1:
-            raise InvalidArgumentError(f"an update set needs at least one update, got {count}")
+        count = check_int(count, "count (updates in the set)", low=1)
+        dim = check_int(dim, "dim", low=1)
         self.name = name
         self.weights: list[float] = []
-        layout = (LayoutEntry(name, (int(dim),), 0, int(dim), "torch.float32"),)
+        self._layout = layout
+        slot_layout = (LayoutEntry(name, (dim,), 0, dim, "torch.float32"),)
         need = count * dim * 4
         available = _mem_available()
         folder = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
@@ -85,10 +93,10 @@ class UpdateSet:
         try:
             if self.spilled:
                 self.arena = ParamArena.from_layout(
-                    layout, count, backing="shm", shm_dir=str(folder)
+                    slot_layout, count, backing="shm", shm_dir=str(folder)
                 )
             else:
-                self.arena = ParamArena.from_layout(layout, count)
+                self.arena = ParamArena.from_layout(slot_layout, count)
         except SharedMemoryError as exc:
             gib = need / 2**30
             raise SharedMemoryError(
@@ -117,21 +125,22 @@ class UpdateSet:
             source: Who sent it, for messages (``"client 17"``).
 
         Raises:
-            NonFiniteError: ``x`` holds NaN or infinity (nothing is stored).
+            NonFiniteError: ``x`` holds NaN or infinity, or a value float32 cannot hold
+                (nothing is stored); the message names the layer and the index inside it.
+            InvalidArgumentError: A weight that is not a finite number >= 0, or a full set.
         """
         if self.count >= self.capacity:
             raise InvalidArgumentError(f"the update set is full ({self.capacity} updates)")
-        flat = x.detach().reshape(-1)
-        if not bool(torch.isfinite(flat).all()):
-            index = int((~torch.isfinite(flat)).nonzero()[0, 0])
-            raise NonFiniteError(
-                f"{source} sent a non-finite {self.name!r}: {float(flat[index])} at index "
-                f"{index}; it was not aggregated"
-            )
-        if not math.isfinite(weight) or weight < 0:
-            raise InvalidArgumentError(f"{source}: weight {weight} must be finite and >= 0")
-        self.arena.slot(self.count).copy_(flat)
-        self.weights.append(float(weight))
+        w = check_real(weight, f"{source}: the weight of {self.name!r}", finite=True, low=0.0)
+        row = self.arena.slot(self.count)
+        row.copy_(x.detach().reshape(-1))
+        # Checked after the copy, as float32: a float64 value beyond float32's range is
+        # infinite here. The slot only counts once the weight is appended.
+        if has_non_finite(row):
+            error = non_finite_update(source, self.name, row, self._layout)
+            if error is not None:
+                raise error
+        self.weights.append(w)
 
     def close(self) -> None:
         """Release the memory (or remove the file)."""
@@ -208,11 +217,9 @@ class TrimmedMean(Aggregator):
             beta: Fraction trimmed at each end.
 
         Raises:
-            InvalidArgumentError: ``beta`` outside ``[0, 0.5)``.
+            InvalidArgumentError: ``beta`` is not a number, or is outside ``[0, 0.5)``.
         """
-        if not 0 <= beta < 0.5:
-            raise InvalidArgumentError(f"beta={beta} is out of range: use 0 <= beta < 0.5")
-        self.beta = float(beta)
+        self.beta = check_real(beta, "beta", low=0.0, below=0.5)
 
     def combine(self, updates: UpdateSet, out: torch.Tensor, *, num_threads: int | None) -> None:
         """Write the coordinate-wise trimmed mean of ``updates``."""

@@ -8,26 +8,58 @@ client list, whatever order the clients finish in. A round therefore needs one f
 vector per stream, not one vector per client.
 
 An update holding NaN or infinity is refused (:class:`~emberfl.errors.NonFiniteError`,
-naming the update, the index and the tensor) and leaves the sum as it was.
+naming the sender, the stream, the layer, the index inside the layer and the value) and
+leaves the sum as it was. The Rust accumulator checks every value as it adds; the message
+is worked out only when it has refused one.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from emberfl import _core
-from emberfl.errors import NonFiniteError, TensorMismatchError
+from emberfl._checks import check_int, check_real, check_threads
+from emberfl.aggregation._non_finite import Entry, first_non_finite, located
+from emberfl.errors import InvalidWeightsError, NonFiniteError, TensorMismatchError
 
-__all__ = ["WeightedSum"]
-
-_NON_FINITE = re.compile(r"non-finite value \(([^)]*)\) at parameter index (\d+)")
+__all__ = ["WeightedSum", "non_finite_update"]
 
 
-def _threads(num_threads: int | None) -> int:
-    return torch.get_num_threads() if num_threads is None else int(num_threads)
+def non_finite_update(
+    source: str,
+    stream: str,
+    x: torch.Tensor,
+    layout: Sequence[Entry] | None = None,
+    describe: Callable[[int], str] | None = None,
+) -> NonFiniteError | None:
+    """Return the error for an update that holds NaN or infinity (``None`` if it does not).
+
+    Meant for the failing path only: it scans ``x`` with :func:`torch.isfinite`.
+
+    Args:
+        source: Who sent the update (``"client 7"``).
+        stream: The uplink stream (``"delta"``).
+        x: The update.
+        layout: The tensors of the flat update, to name the layer and the index inside it.
+        describe: Without ``layout``: turns a flat index into a tensor name.
+
+    Returns:
+        ``client 7 sent a non-finite update: stream 'delta', layer 'conv1.weight'
+        [index 12] is nan; ...``, or ``None`` if every value is finite.
+    """
+    found = first_non_finite(x)
+    if found is None:
+        return None
+    index, value = found
+    where = located(index, layout)
+    if layout is None and describe is not None:
+        where = f"layer {describe(index)!r} [flat index {index}]"
+    return NonFiniteError(
+        f"{source} sent a non-finite update: stream {stream!r}, {where} is {value}; it was "
+        "not aggregated (a diverging client: lower the learning rate, or clip updates)"
+    )
 
 
 class WeightedSum:
@@ -50,6 +82,7 @@ class WeightedSum:
         dim: int,
         *,
         name: str = "update",
+        layout: Sequence[Entry] | None = None,
         describe: Callable[[int], str] | None = None,
         num_threads: int | None = None,
     ) -> None:
@@ -57,15 +90,23 @@ class WeightedSum:
 
         Args:
             dim: Elements per vector (>= 1).
-            name: What the vectors are, for error messages.
-            describe: Turns a flat index into the name of the tensor it belongs to (e.g.
-                ``"fc1.weight"``), for error messages.
+            name: What the vectors are (the uplink stream), for error messages.
+            layout: The named tensors of a vector (``ModelLayout.items``, an arena's
+                ``layout``), so that a non-finite value is reported by layer and index
+                inside the layer.
+            describe: Without ``layout``: turns a flat index into the name of the tensor
+                it belongs to (e.g. ``"fc1.weight"``), for error messages.
             num_threads: Rust threads; default ``torch.get_num_threads()`` at each call.
+
+        Raises:
+            InvalidArgumentError: ``dim`` or ``num_threads`` is not a positive integer (in
+                range).
         """
-        self._acc = _core.Accumulator(int(dim))
+        self._acc = _core.Accumulator(check_int(dim, "dim", low=1))
         self.name = name
+        self._layout = layout
         self._describe = describe
-        self._num_threads = num_threads
+        self._num_threads = None if num_threads is None else check_threads(num_threads)
 
     @property
     def dim(self) -> int:
@@ -93,7 +134,8 @@ class WeightedSum:
 
         Raises:
             NonFiniteError: ``x`` holds NaN or infinity; nothing is added.
-            InvalidWeightsError: A NaN, infinite or negative weight; nothing is added.
+            InvalidWeightsError: A NaN, infinite or negative weight, or one that is not a
+                number (``"3"``, ``True``); nothing is added.
             TensorMismatchError: ``x`` has the wrong size, dtype or device.
         """
         who = source or f"{self.name} {self.count}"
@@ -106,24 +148,15 @@ class WeightedSum:
                 f"{who} sent {self.name!r} as a {x.dtype} tensor of shape {tuple(x.shape)} on "
                 f"{x.device}; expected {self.dim} float32 values on the CPU"
             )
+        w = check_real(weight, f"{who}: the weight of {self.name!r}", error=InvalidWeightsError)
         flat = x.detach().reshape(-1)
         if not flat.is_contiguous():
             flat = flat.contiguous()
         try:
-            self._acc.add(flat.numpy(), float(weight), num_threads=_threads(self._num_threads))
+            self._acc.add(flat.numpy(), w, num_threads=check_threads(self._num_threads))
         except NonFiniteError as err:
-            raise self._non_finite(err, who) from None
-
-    def _non_finite(self, err: NonFiniteError, who: str) -> NonFiniteError:
-        match = _NON_FINITE.search(str(err))
-        if match is None:
-            return NonFiniteError(f"{who}: {self.name!r}: {err}")
-        value, index = match.group(1), int(match.group(2))
-        tensor = f" (tensor {self._describe(index)!r})" if self._describe is not None else ""
-        return NonFiniteError(
-            f"{who} sent a non-finite {self.name!r}: {value} at index {index}{tensor}; it was "
-            "not aggregated (a diverging client: lower the learning rate, or clip updates)"
-        )
+            named = non_finite_update(who, self.name, flat, self._layout, self._describe)
+            raise (named or NonFiniteError(f"{who}: stream {self.name!r}: {err}")) from None
 
     def mean(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return ``float32(sum / weight)``.
@@ -138,7 +171,7 @@ class WeightedSum:
             InvalidWeightsError: If the weights sum to zero.
         """
         target = self._target(out)
-        self._acc.mean(target.numpy(), num_threads=_threads(self._num_threads))
+        self._acc.mean(target.numpy(), num_threads=check_threads(self._num_threads))
         return target
 
     def sum(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,7 +184,7 @@ class WeightedSum:
             ``out``, or a new tensor.
         """
         target = self._target(out)
-        self._acc.sum(target.numpy(), num_threads=_threads(self._num_threads))
+        self._acc.sum(target.numpy(), num_threads=check_threads(self._num_threads))
         return target
 
     def sum64(self) -> torch.Tensor:
@@ -164,7 +197,7 @@ class WeightedSum:
         Args:
             other: A sum of the same length.
         """
-        self._acc.merge(other._acc, num_threads=_threads(self._num_threads))
+        self._acc.merge(other._acc, num_threads=check_threads(self._num_threads))
 
     def reset(self) -> None:
         """Forget every vector."""
