@@ -137,7 +137,7 @@ def test_bad_weights_leave_output_untouched() -> None:
         for w, msg in cases:
             with pytest.raises(errors.InvalidWeightsError, match=msg):
                 agg.weighted_mean(arena, [0, 1], w, out=2)
-        with pytest.raises(errors.InvalidWeightsError, match="numbers"):
+        with pytest.raises(errors.InvalidWeightsError, match=r"weights\[0\] must be a number"):
             agg.weighted_mean(arena, [0, 1], ["a", "b"], out=2)  # type: ignore[list-item]
         assert torch.all(arena.slot(2) == 9.0)
 
@@ -146,7 +146,7 @@ def test_non_finite_update_is_named_and_output_untouched() -> None:
     with make_arena(3, 5000, 4) as arena:
         arena.slot(3).fill_(9.0)
         arena.slot(1)[4000] = float("inf")
-        with pytest.raises(errors.NonFiniteError, match=r"slot 1 .*index 4000 \(in tensor 'b'\)"):
+        with pytest.raises(errors.NonFiniteError, match=r"slot 1 .*'b' \[index 1500\] is inf"):
             agg.weighted_mean(arena, [0, 1, 2], [1, 1, 1], out=3)
         arena.slot(1)[4000] = float("nan")
         with pytest.raises(errors.NonFiniteError, match="slot 1"):
@@ -162,7 +162,7 @@ def test_bad_slots_and_outputs() -> None:
             agg.weighted_mean(arena, [0, 7], [1, 1], out=2)
         with pytest.raises(errors.SlotIndexError):
             agg.weighted_mean(arena, [0, 1], [1, 1], out=9)
-        with pytest.raises(OverflowError):
+        with pytest.raises(errors.SlotIndexError, match="slot -1 is out of range"):
             agg.weighted_mean(arena, [0, -1], [1, 1], out=2)
         with pytest.raises(errors.InvalidArgumentError, match="slot list is empty"):
             agg.weighted_mean(arena, [], [], out=2)
@@ -178,9 +178,9 @@ def test_bad_slots_and_outputs() -> None:
             agg.median(arena, [0, 1], arena.tensor.view(-1)[1:65])
         with pytest.raises(errors.InvalidArgumentError, match="beta"):
             agg.trimmed_mean(arena, [0, 1], 2, 0.5)
-        with pytest.raises(errors.InvalidArgumentError, match="num_threads=0"):
+        with pytest.raises(errors.InvalidArgumentError, match=r"num_threads must be .*, got 0"):
             agg.median(arena, [0, 1], 2, num_threads=0)
-        with pytest.raises(TypeError):
+        with pytest.raises(errors.InvalidArgumentError, match="out must be a slot index"):
             agg.median(arena, [0, 1], "2")  # type: ignore[arg-type]
 
 

@@ -3,11 +3,17 @@
 Every kernel gives bitwise-identical results for any ``num_threads``: work is split into
 fixed blocks and every sum is taken in a fixed order in float64. ``num_threads`` defaults to
 ``torch.get_num_threads()`` so Rust and PyTorch do not oversubscribe the cores.
+
+Every kernel raises :class:`~emberfl.errors.NonFiniteError` for an input slot holding NaN
+or infinity, naming the slot, the tensor and the index inside it: the means and the
+order statistics detect it as they read; :func:`norms` and :func:`pairwise_sq_dists`
+check their small results, so a clipping or Krum-style rule built on them cannot act on a
+NaN. Slot indices, thread counts and weights are checked before the Rust call
+(:class:`~emberfl.errors.InvalidArgumentError`, :class:`~emberfl.errors.SlotIndexError`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,24 +21,39 @@ import numpy.typing as npt
 import torch
 
 from emberfl import _core
+from emberfl._checks import check_real, check_slot, check_threads
+from emberfl.aggregation._non_finite import first_non_finite, located
 from emberfl.arena import ParamArena
-from emberfl.errors import InvalidWeightsError, NonFiniteError, TensorMismatchError
+from emberfl.errors import (
+    InvalidArgumentError,
+    InvalidWeightsError,
+    NonFiniteError,
+    TensorMismatchError,
+)
 
 __all__ = ["median", "norms", "pairwise_sq_dists", "trimmed_mean", "weighted_mean"]
 
 Out = int | torch.Tensor
+Slots = Sequence[int] | torch.Tensor | npt.NDArray[np.integer]
+"""Slot indices: a sequence of integers, or an integer tensor or array."""
 
 
-def _threads(num_threads: int | None) -> int:
-    return torch.get_num_threads() if num_threads is None else int(num_threads)
-
-
-def _slots(slots: Sequence[int] | torch.Tensor | npt.NDArray[np.integer]) -> list[int]:
-    return [int(s) for s in (slots.tolist() if hasattr(slots, "tolist") else slots)]
+def _slots(arena: ParamArena, slots: Slots) -> list[int]:
+    if isinstance(slots, str | bytes):
+        raise InvalidArgumentError(f"slots must be a sequence of slot indices, got {slots!r}")
+    items = slots.tolist() if isinstance(slots, torch.Tensor | np.ndarray) else slots
+    try:
+        values = list(items)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"slots must be a sequence of slot indices, got {type(slots).__name__}"
+        ) from None
+    n = arena.num_slots
+    return [check_slot(s, n, name=f"slots[{i}]") for i, s in enumerate(values)]
 
 
 def _out(arena: ParamArena, out: Out) -> int | npt.NDArray[np.float32]:
-    if isinstance(out, torch.Tensor):
+    if isinstance(out, torch.Tensor) and (out.dim() > 0 or out.is_floating_point()):
         if out.dtype != torch.float32 or out.device.type != "cpu":
             raise TensorMismatchError(
                 f"out must be a float32 CPU tensor, got {out.dtype} on {out.device}"
@@ -48,22 +69,34 @@ def _out(arena: ParamArena, out: Out) -> int | npt.NDArray[np.float32]:
                 raise TensorMismatchError("out views the arena but is not aligned with a slot")
             return offset // (4 * arena.dim)
         return out.detach().numpy()
-    if isinstance(out, bool) or not isinstance(out, int):
-        raise TypeError(f"out must be a slot index or a tensor, got {type(out).__name__}")
-    return out
+    return check_slot(out, arena.num_slots, name="out", kind="a slot index or a float32 tensor")
 
 
-def _named(arena: ParamArena, err: NonFiniteError) -> NonFiniteError:
-    match = re.search(r"parameter index (\d+)", str(err))
-    if match is None:
-        return err
-    name = arena.name_of(int(match.group(1)))
-    return NonFiniteError(f"{err} (in tensor {name!r})")
+def _non_finite_slot(arena: ParamArena, slots: Slots, rows_of: str = "") -> NonFiniteError | None:
+    """The error naming the first of ``slots`` that holds NaN or infinity (failing path).
+
+    ``rows_of``: the result whose rows follow ``slots`` (named in the message).
+    """
+    for position, slot in enumerate(slots):
+        found = first_non_finite(arena.slot(slot))
+        if found is not None:
+            index, value = found
+            row = f" (row {position} of {rows_of})" if rows_of else ""
+            return NonFiniteError(
+                f"slot {slot}{row} holds a non-finite value: "
+                f"{located(index, arena.layout, kind='tensor')} is {value} (parameter "
+                f"{index} of the slot)"
+            )
+    return None
+
+
+def _named(arena: ParamArena, slots: Slots, err: NonFiniteError) -> NonFiniteError:
+    return _non_finite_slot(arena, slots) or err
 
 
 def weighted_mean(
     arena: ParamArena,
-    slots: Sequence[int],
+    slots: Slots,
     weights: Sequence[float] | torch.Tensor | npt.NDArray[np.floating],
     out: Out,
     *,
@@ -81,27 +114,33 @@ def weighted_mean(
         num_threads: Rust threads; default ``torch.get_num_threads()``.
 
     Raises:
-        InvalidWeightsError: NaN, negative, infinite or all-zero weights, or a wrong count.
-        NonFiniteError: An input slot holds NaN or inf (the message names slot and tensor).
+        InvalidWeightsError: NaN, negative, infinite or all-zero weights, weights that are
+            not numbers (``"3"``, ``True``), or a wrong count.
+        NonFiniteError: An input slot holds NaN or inf (the message names the slot, the
+            tensor and the index inside it).
         SlotIndexError: A slot index out of range.
-        InvalidArgumentError: An empty slot list.
+        InvalidArgumentError: An empty slot list, or a slot index or thread count that is
+            not an integer.
     """
-    w = weights.tolist() if hasattr(weights, "tolist") else list(weights)
+    items = weights.tolist() if isinstance(weights, torch.Tensor | np.ndarray) else weights
     try:
-        w = [float(x) for x in w]
-    except (TypeError, ValueError) as exc:
-        raise InvalidWeightsError(f"weights must be numbers: {exc}") from None
+        values = list(items)
+    except TypeError:
+        raise InvalidWeightsError(
+            f"weights must be a sequence of numbers, got {type(weights).__name__}"
+        ) from None
+    w = [check_real(x, f"weights[{i}]", error=InvalidWeightsError) for i, x in enumerate(values)]
+    s = _slots(arena, slots)
     try:
         _core.weighted_mean(
-            arena.core, _slots(slots), w, _out(arena, out), num_threads=_threads(num_threads)
+            arena.core, s, w, _out(arena, out), num_threads=check_threads(num_threads)
         )
     except NonFiniteError as err:
-        raise _named(arena, err) from None
+        used = [slot for slot, weight in zip(s, w, strict=False) if weight != 0.0]
+        raise _named(arena, used, err) from None
 
 
-def median(
-    arena: ParamArena, slots: Sequence[int], out: Out, *, num_threads: int | None = None
-) -> None:
+def median(arena: ParamArena, slots: Slots, out: Out, *, num_threads: int | None = None) -> None:
     """Write the coordinate-wise median of ``slots`` into ``out``.
 
     For an even number of slots each coordinate is the mean of the two middle values.
@@ -113,17 +152,22 @@ def median(
         num_threads: Rust threads; default ``torch.get_num_threads()``.
 
     Raises:
-        NonFiniteError: An input slot holds NaN or inf.
+        NonFiniteError: An input slot holds NaN or inf (the message names the slot, the
+            tensor and the index inside it).
+        SlotIndexError: A slot index out of range.
+        InvalidArgumentError: An empty slot list, or a slot index or thread count that is
+            not an integer.
     """
+    s = _slots(arena, slots)
     try:
-        _core.median(arena.core, _slots(slots), _out(arena, out), num_threads=_threads(num_threads))
+        _core.median(arena.core, s, _out(arena, out), num_threads=check_threads(num_threads))
     except NonFiniteError as err:
-        raise _named(arena, err) from None
+        raise _named(arena, s, err) from None
 
 
 def trimmed_mean(
     arena: ParamArena,
-    slots: Sequence[int],
+    slots: Slots,
     out: Out,
     beta: float,
     *,
@@ -142,25 +186,27 @@ def trimmed_mean(
         num_threads: Rust threads; default ``torch.get_num_threads()``.
 
     Raises:
-        InvalidArgumentError: ``beta`` out of range or trimming every value.
-        NonFiniteError: An input slot holds NaN or inf.
+        InvalidArgumentError: ``beta`` not a number, out of range or trimming every value;
+            an empty slot list; a slot index or thread count that is not an integer.
+        NonFiniteError: An input slot holds NaN or inf (the message names the slot, the
+            tensor and the index inside it).
+        SlotIndexError: A slot index out of range.
     """
+    s = _slots(arena, slots)
+    b = check_real(beta, "beta", low=0.0, below=0.5)
     try:
         _core.trimmed_mean(
-            arena.core,
-            _slots(slots),
-            _out(arena, out),
-            float(beta),
-            num_threads=_threads(num_threads),
+            arena.core, s, _out(arena, out), b, num_threads=check_threads(num_threads)
         )
     except NonFiniteError as err:
-        raise _named(arena, err) from None
+        raise _named(arena, s, err) from None
 
 
-def norms(
-    arena: ParamArena, slots: Sequence[int], *, num_threads: int | None = None
-) -> torch.Tensor:
+def norms(arena: ParamArena, slots: Slots, *, num_threads: int | None = None) -> torch.Tensor:
     """Return the L2 norm of each slot as a float64 tensor (for norm clipping).
+
+    The norms are summed in float64, where no float32 input can overflow, so a norm is
+    finite exactly when its slot is; the (small) result is checked, not the slots.
 
     Args:
         arena: The arena.
@@ -169,16 +215,33 @@ def norms(
 
     Returns:
         A ``(len(slots),)`` float64 tensor.
+
+    Raises:
+        NonFiniteError: A slot holds NaN or infinity (the message names the slot, the
+            tensor and the index inside it), so no norm clipping can act on a NaN.
+        SlotIndexError: A slot index out of range.
+        InvalidArgumentError: An empty slot list, or a slot index or thread count that is
+            not an integer.
     """
-    return torch.from_numpy(
-        _core.norms(arena.core, _slots(slots), num_threads=_threads(num_threads))
-    )
+    s = _slots(arena, slots)
+    result = torch.from_numpy(_core.norms(arena.core, s, num_threads=check_threads(num_threads)))
+    if not bool(torch.isfinite(result).all()):
+        bad = [slot for slot, v in zip(s, result.tolist(), strict=True) if not np.isfinite(v)]
+        raise _non_finite_slot(arena, bad) or NonFiniteError(
+            f"the norm of slot {bad[0]} is not finite"
+        )
+    return result
 
 
 def pairwise_sq_dists(
-    arena: ParamArena, slots: Sequence[int], *, num_threads: int | None = None
+    arena: ParamArena, slots: Slots, *, num_threads: int | None = None
 ) -> torch.Tensor:
     """Return the squared Euclidean distances between all pairs of slots (for Krum).
+
+    A NaN or infinity in a slot makes every distance from it NaN or infinite (the
+    distances are summed in float64, where no float32 difference overflows, and
+    ``inf - inf`` is NaN), so checking the ``K x K`` result finds any non-finite input;
+    with a single slot, which has no distance to compute, the slot itself is checked.
 
     Args:
         arena: The arena.
@@ -187,7 +250,22 @@ def pairwise_sq_dists(
 
     Returns:
         A symmetric ``(K, K)`` float64 tensor with a zero diagonal.
+
+    Raises:
+        NonFiniteError: A slot holds NaN or infinity (the message names the slot, its
+            row of the matrix, the tensor and the index inside it), so a Krum-style
+            selection cannot silently pick or skip it.
+        SlotIndexError: A slot index out of range.
+        InvalidArgumentError: An empty slot list, or a slot index or thread count that is
+            not an integer.
     """
-    s = _slots(slots)
-    flat = _core.pairwise_sq_dists(arena.core, s, num_threads=_threads(num_threads))
-    return torch.from_numpy(flat).view(len(s), len(s))
+    s = _slots(arena, slots)
+    flat = _core.pairwise_sq_dists(arena.core, s, num_threads=check_threads(num_threads))
+    result = torch.from_numpy(flat).view(len(s), len(s))
+    if len(s) == 1 or not bool(torch.isfinite(result).all()):
+        error = _non_finite_slot(arena, s, "the distance matrix")
+        if error is not None:
+            raise error
+        if len(s) > 1:
+            raise NonFiniteError("a pairwise distance is not finite, although every slot is")
+    return result
