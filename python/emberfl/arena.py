@@ -225,21 +225,25 @@ class ParamArena:
         return cls(core, layout, skipped, owner=True)
 
     @classmethod
-    def attach(cls, handle: ArenaHandle) -> ParamArena:
+    def attach(cls, handle: ArenaHandle, *, private: bool = False) -> ParamArena:
         """Map the arena described by ``handle`` (from this or another process).
 
         Args:
             handle: :attr:`handle` of the arena, possibly pickled across processes.
+            private: Map it copy-on-write: writes through this view stay in this view
+                (a page is copied when first written) and never reach the arena; pages
+                not written here show the arena's current values.
 
         Returns:
-            A view of the same memory: writes on either side are seen by the other.
+            A view of the same memory: writes on either side are seen by the other
+            (``private``: only the arena's writes are seen here, until a page is written).
 
         Raises:
             StaleHandleError: The arena no longer exists, or the handle belongs to another.
         """
         if not isinstance(handle, ArenaHandle):
             raise TypeError(f"attach() expects an ArenaHandle, got {type(handle).__name__}")
-        core = _core.Arena.attach(handle.raw)
+        core = _core.Arena.attach(handle.raw, private=private)
         return cls(core, handle.layout, handle.skipped, owner=False)
 
     # -- properties -----------------------------------------------------------------------

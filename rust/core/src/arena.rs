@@ -89,6 +89,13 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn map(file: File, len: usize) -> Result<Self> {
+        Self::map_with(file, len, libc::MAP_SHARED)
+    }
+
+    /// `MAP_SHARED` (writes reach every process) or `MAP_PRIVATE` (copy-on-write: this
+    /// process's writes stay in this mapping, which still reads the others' pages until it
+    /// writes them).
+    fn map_with(file: File, len: usize, flags: libc::c_int) -> Result<Self> {
         // SAFETY: a fresh mapping of `len` bytes of `file`, which is at least `len` bytes long
         // (the caller has sized or checked it). No existing memory is affected.
         let ptr = unsafe {
@@ -96,7 +103,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                flags,
                 file.as_raw_fd(),
                 0,
             )
@@ -360,6 +367,18 @@ impl Arena {
 
     /// Map the arena described by `handle` (from this or another process).
     pub fn attach(handle: &Handle) -> Result<Self> {
+        Self::attach_with(handle, false)
+    }
+
+    /// Map the arena described by `handle` copy-on-write: reads see the arena (as of each
+    /// page's first write here, later writes by others for pages not yet written), writes
+    /// stay private to this mapping and never reach the arena or other processes. The file
+    /// is opened read-only.
+    pub fn attach_private(handle: &Handle) -> Result<Self> {
+        Self::attach_with(handle, true)
+    }
+
+    fn attach_with(handle: &Handle, private: bool) -> Result<Self> {
         let path = match &handle.location {
             Location::Memfd { pid, fd } => PathBuf::from(format!("/proc/{pid}/fd/{fd}")),
             Location::Shm { path } => path.clone(),
@@ -368,7 +387,7 @@ impl Arena {
             Location::Memfd { pid, fd } => format!("memfd {fd} of process {pid}"),
             Location::Shm { path } => path.display().to_string(),
         };
-        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+        let file = match OpenOptions::new().read(true).write(!private).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(Error::StaleHandle(format!(
@@ -399,7 +418,12 @@ impl Arena {
                 describe()
             )));
         }
-        let map = Mapping::map(file, len)?;
+        let flags = if private {
+            libc::MAP_PRIVATE
+        } else {
+            libc::MAP_SHARED
+        };
+        let map = Mapping::map_with(file, len, flags)?;
         let header = map.bytes(0, 40);
         let word = |i: usize| {
             let mut b = [0u8; 8];
@@ -621,6 +645,41 @@ mod tests {
         let b = Arena::attach(&a.handle()).unwrap();
         let got = b.with_slots(&[1], |v| v[0].to_vec()).unwrap();
         assert_eq!(got, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn private_attach_keeps_its_writes() {
+        let fill = |arena: &Arena, value: f32| {
+            arena
+                .with_output(&[], Out::Slot(0), |_, out| {
+                    out.fill(value);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        for backing in [
+            Backing::Memfd,
+            Backing::Shm {
+                dir: std::env::temp_dir(),
+            },
+        ] {
+            let a = Arena::create(2, 2048, &backing).unwrap();
+            fill(&a, 1.0);
+            let p = Arena::attach_private(&a.handle()).unwrap();
+            assert_eq!(p.with_slots(&[0], |v| v[0][7]).unwrap(), 1.0);
+            fill(&p, 5.0);
+            assert_eq!(p.with_slots(&[0], |v| v[0][7]).unwrap(), 5.0);
+            assert_eq!(a.with_slots(&[0], |v| v[0][7]).unwrap(), 1.0);
+            let q = Arena::attach_private(&a.handle()).unwrap();
+            assert_eq!(q.with_slots(&[0], |v| v[0][7]).unwrap(), 1.0);
+            // Pages this mapping never wrote still show the arena's later writes.
+            a.with_output(&[], Out::Slot(1), |_, out| {
+                out.fill(3.0);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(p.with_slots(&[1], |v| v[0][0]).unwrap(), 3.0);
+        }
     }
 
     #[test]

@@ -49,9 +49,11 @@ impl Arena {
         Ok(Self { inner })
     }
 
-    /// Attach to the arena described by a handle tuple (see `handle`).
+    /// Attach to the arena described by a handle tuple (see `handle`); `private` maps it
+    /// copy-on-write (this process's writes stay here).
     #[staticmethod]
-    fn attach(handle: HandleTuple) -> PyResult<Self> {
+    #[pyo3(signature = (handle, *, private = false))]
+    fn attach(handle: HandleTuple, private: bool) -> PyResult<Self> {
         let (kind, pid, fd, path, t0, t1, num_slots, dim) = handle;
         let location = match kind.as_str() {
             "memfd" => Location::Memfd { pid, fd },
@@ -70,7 +72,12 @@ impl Arena {
             num_slots,
             dim,
         };
-        let inner = emberfl_core::Arena::attach(&handle).map_err(CoreError)?;
+        let inner = if private {
+            emberfl_core::Arena::attach_private(&handle)
+        } else {
+            emberfl_core::Arena::attach(&handle)
+        }
+        .map_err(CoreError)?;
         Ok(Self { inner })
     }
 
