@@ -55,8 +55,10 @@ from emberfl.core._tree import map_tensors
 from emberfl.core.shared_memory import reconstruct_from_shared_memory
 from emberfl.errors import (
     ClientError,
+    ClientTimeoutError,
     ConfigError,
     EmberflError,
+    PayloadWriteError,
     TensorMismatchError,
     WorkerDiedError,
 )
@@ -129,10 +131,10 @@ def _new_arena(num_floats: int, num_slots: int) -> Any:
     return ParamArena.from_model(template, num_slots)
 
 
-def _attach_arena(handle: Any) -> Any:
+def _attach_arena(handle: Any, *, private: bool = False) -> Any:
     from emberfl.arena import ParamArena
 
-    return ParamArena.attach(handle)
+    return ParamArena.attach(handle, private=private)
 
 
 def _close_quietly(arena: Any) -> None:
@@ -177,6 +179,7 @@ class _WorkerState:
     payload_skeleton: Any = None
     down_layout: PackedLayout | None = None
     down_arena: Any = None
+    down_handle: Any = None
     down_gen: int = -1
     up_gen: int = -1
     up_layout: PackedLayout | None = None
@@ -195,9 +198,9 @@ class _WorkerState:
             obj = unpack(obj, layout, arena.slot(0), clone=False)
         return obj
 
-    def shared_storages(self) -> set[int]:
+    def shared_storages(self, *extra: Any) -> set[int]:
         ptrs = set()
-        for arena in (self.down_arena, self.up_arena, *self.sticky_arenas.values()):
+        for arena in (self.down_arena, self.up_arena, *self.sticky_arenas.values(), *extra):
             if arena is not None:
                 ptrs.add(arena.slot(0).untyped_storage().data_ptr())
         return ptrs
@@ -265,6 +268,7 @@ def _apply_control(state: _WorkerState, message: tuple[Any, ...]) -> None:
         if generation != state.down_gen:
             _close_quietly(state.down_arena)
             state.down_arena = _attach_arena(handle) if handle is not None else None
+            state.down_handle = handle
             state.down_gen = generation
     elif kind == "uplink":
         _, skeleton, layout, handle, template_slot, generation = message
@@ -277,7 +281,9 @@ def _apply_control(state: _WorkerState, message: tuple[Any, ...]) -> None:
         _, token, data, layout, handle = message
         obj = pickle.loads(data)
         if handle is not None:
-            arena = _attach_arena(handle)
+            # Copy-on-write: a client that writes into a shared object's tensors changes
+            # neither the parent's copy nor the other workers'.
+            arena = _attach_arena(handle, private=True)
             state.sticky_arenas[token] = arena
             obj = unpack(obj, layout, arena.slot(0), clone=False)
         state.sticky[token] = obj
@@ -297,12 +303,17 @@ def _run_task(
     config_bytes: bytes,
     slot_index: int,
     fresh: bool,
+    check_payload: bool,
 ) -> bytes:
+    own_payload = None
     try:
         config = _StickyUnpickler(config_bytes, state, fresh).load()
         payload = state.payload_skeleton
         if state.down_layout is not None and state.down_arena is not None:
-            payload = unpack(payload, state.down_layout, state.down_arena.slot(0), clone=False)
+            # Each client reads the payload through its own copy-on-write mapping: a
+            # client that writes into it cannot change what the other clients start from.
+            own_payload = _attach_arena(state.down_handle, private=True)
+            payload = unpack(payload, state.down_layout, own_payload.slot(0), clone=False)
         shm_buffer = None
         slot = None
         if state.up_layout is not None and state.up_arena is not None:
@@ -313,9 +324,15 @@ def _run_task(
             shm_buffer = pickle.loads(pickle.dumps(state.up_skeleton))
         assert state.worker_fn is not None
         result = state.worker_fn(config, payload, device, state.stop_event, shm_buffer=shm_buffer)
+        if check_payload and own_payload is not None and state.down_layout is not None:
+            changed = _changed_entry(
+                state.down_layout, own_payload.slot(0), state.down_arena.slot(0)
+            )
+            if changed is not None:
+                return pickle.dumps(("payload_write", task_id, changed))
         if slot is not None and state.up_layout is not None:
             adopt_tensors(shm_buffer, state.up_layout, slot, cid=cid, what="uplink buffer")
-        shared = state.shared_storages()
+        shared = state.shared_storages(own_payload)
 
         def detach_shared(_path: str, tensor: torch.Tensor) -> torch.Tensor:
             # A view into an arena would pickle the whole arena: send a private copy.
@@ -341,6 +358,22 @@ def _run_task(
                 exc_bytes,
             )
         )
+    finally:
+        # Views of it that the client kept alive keep the mapping; the rest goes now.
+        _close_quietly(own_payload)
+
+
+def _changed_entry(layout: PackedLayout, own: torch.Tensor, shared: torch.Tensor) -> str | None:
+    """Return the path of the first payload tensor whose bytes differ between the slots."""
+    raw_own, raw_shared = own.view(torch.int32), shared.view(torch.int32)
+    if torch.equal(raw_own, raw_shared):
+        return None
+    for index, entry in enumerate(layout.entries):
+        if not torch.equal(
+            layout.view(own, index).view(torch.uint8), layout.view(shared, index).view(torch.uint8)
+        ):
+            return entry.path or "<package>"
+    return "<padding>"
 
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +387,7 @@ class _Worker:
     process: Any
     conn: Connection
     task: int | None = None  # index into the round's tasks
+    started: float = 0.0  # time.monotonic() when the task was sent
     sent_tokens: set[int] = field(default_factory=set)
 
 
@@ -505,6 +539,8 @@ class ProcessPool:
         self.mirror_event = mirror_event
         self.user_stop_event = mirror_event if mirror_event is not None else stop_event
         self._fresh = False
+        self._check_payload = False
+        self._timeout: float | None = None
         self.intra_op_threads = intra_op_threads
         self.drain_timeout_s = drain_timeout_s
         self._res = _Resources()
@@ -598,6 +634,8 @@ class ProcessPool:
         borrow: bool = False,
         pin: Sequence[Any] = (),
         fresh_shared: bool = False,
+        check_payload: bool = False,
+        timeout: float | None = None,
     ) -> list[ClientJob[Any]]:
         """Prepare a round and return one job per client, in ``clients`` order.
 
@@ -618,6 +656,13 @@ class ProcessPool:
                 it, a worker's clients share one copy (which may keep caches). Objects
                 whose class sets ``_emberfl_read_only = True`` are always shared (and not
                 checked for changes).
+            check_payload: Fail the round with a :class:`~emberfl.errors.PayloadWriteError`
+                when a client wrote into the payload. Either way each client reads the
+                payload through its own copy-on-write mapping, so a write never reaches
+                the other clients.
+            timeout: Seconds a client may train; a client still running after that fails
+                the round with a :class:`~emberfl.errors.ClientTimeoutError` and the
+                workers are killed (the pool is closed; start a new one).
 
         Returns:
             The jobs; clients are dispatched as jobs are waited on.
@@ -630,6 +675,8 @@ class ProcessPool:
         self._retired.clear()
         self._borrow = borrow
         self._fresh = fresh_shared
+        self._check_payload = check_payload
+        self._timeout = timeout
         self._held = {}
         self._broadcast_payload(worker_fn, payload)
         self._prepare_uplink(uplink_template)
@@ -806,11 +853,19 @@ class ProcessPool:
                     handle = sticky.arena.handle if sticky.arena is not None else None
                     self._send(worker, ("sticky", token, sticky.data, sticky.layout, handle))
                     worker.sent_tokens.add(token)
-            self._send(
-                worker,
-                ("task", index, task.cid, task.device, task.config_bytes, task.slot, self._fresh),
+            message = (
+                "task",
+                index,
+                task.cid,
+                task.device,
+                task.config_bytes,
+                task.slot,
+                self._fresh,
+                self._check_payload,
             )
+            self._send(worker, message)
             worker.task = index
+            worker.started = time.monotonic()
             self._next_task += 1
 
     def _wait(self, index: int) -> Any:
@@ -830,7 +885,12 @@ class ProcessPool:
         sentinels = {w.process.sentinel: w for w in workers}
         if self.mirror_event is not None and self.mirror_event.is_set():
             self.stop_event.set()
-        ready = wait([*conns, *sentinels], timeout=_POLL_S)
+        poll = _POLL_S
+        if self._timeout is not None:
+            busy = [w.started for w in workers if w.task is not None]
+            if busy:
+                poll = min(poll, max(0.0, min(busy) + self._timeout - time.monotonic()))
+        ready = wait([*conns, *sentinels], timeout=poll)
         died: list[_Worker] = []
         # Read messages first: a worker that reported and then died has its last word heard.
         for obj in ready:
@@ -850,8 +910,31 @@ class ProcessPool:
                 died.append(worker)
         if died:
             self._raise_died(died[0])
+        if self._timeout is not None and self._failure is None:
+            self._check_timeouts()
         if self._failure is None:
             self._dispatch()
+
+    def _check_timeouts(self) -> None:
+        assert self._timeout is not None
+        now = time.monotonic()
+        busy = sorted((w for w in self._res.workers if w.task is not None), key=lambda w: w.started)
+        if not busy or now - busy[0].started < self._timeout:
+            return
+        late = busy[0]
+        assert late.task is not None
+        running = tuple(self._tasks[w.task].cid for w in busy if w.task is not None)
+        error = ClientTimeoutError(
+            self._tasks[late.task].cid,
+            now - late.started,
+            self._timeout,
+            running,
+            f"worker process {late.process.pid} was killed and the process pool shut down "
+            "(the next round starts a new one)",
+        )
+        self.stop_event.set()
+        self.close(graceful=False)
+        raise error
 
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind, index = message[0], message[1]
@@ -877,6 +960,14 @@ class ProcessPool:
                     self._free_slots.append(task.slot)
             self._results[index] = result
             self._done[index] = True
+        elif kind == "payload_write":
+            self._free_task_slot(index)
+            self._failure = PayloadWriteError(
+                cid,
+                f"wrote into the round's broadcast ({message[2]!r}), which every client of "
+                "the round starts from; the write was discarded. Copy a broadcast tensor "
+                "before changing it (tensor.clone())",
+            )
         elif kind == "mismatch":
             self._free_task_slot(index)
             self._failure = TensorMismatchError(message[2])

@@ -24,7 +24,7 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import suppress
 from enum import StrEnum
 from pathlib import Path
@@ -33,8 +33,10 @@ from typing import Any, Protocol, TypeVar, cast
 import torch
 
 from emberfl.core._process_pool import ClientJob, ProcessPool, StartMethod
+from emberfl.core._threads import ClientThreads
+from emberfl.core._tree import iter_tensors
 from emberfl.core.intra_op import intra_op_threads
-from emberfl.errors import ClientError, ConfigError
+from emberfl.errors import ClientError, ConfigError, PayloadWriteError
 
 __all__ = [
     "BaseClientTrainer",
@@ -95,6 +97,23 @@ def _cuda_device(trainer: Any, cid: int) -> str:
     return device
 
 
+def _check_payload_versions(
+    marks: list[tuple[str, torch.Tensor, int]], cid: int, running: dict[int, float]
+) -> None:
+    for path, tensor, version in marks:
+        if tensor._version != version:
+            others = sorted(c for c in running if c != cid)
+            who = (
+                f" (or client {', '.join(map(str, others))}, training beside it)" if others else ""
+            )
+            raise PayloadWriteError(
+                cid,
+                f"changed the payload's tensor {path or '<payload>'!r} in place{who}; every "
+                "thread shares the payload, so other clients saw the change. Copy a payload "
+                "tensor before changing it (tensor.clone())",
+            )
+
+
 def _as_client_error(cid: int, exc: BaseException) -> ClientError:
     if isinstance(exc, ClientError):
         return exc
@@ -153,6 +172,10 @@ class ThreadPoolClientTrainer(
             emberfl's algorithms); set automatically on error or Ctrl-C.
         intra_op_threads: ``torch.set_num_threads`` value while clients train, or
             ``None`` to leave it alone.
+        client_timeout: Seconds a client may train, or ``None`` (the default) for no
+            limit. A client still running after that fails the call with a
+            :class:`~emberfl.errors.ClientTimeoutError`; it is asked to stop and its
+            (daemon) thread is left behind, as a thread cannot be killed.
     """
 
     num_parallels: int
@@ -161,6 +184,7 @@ class ThreadPoolClientTrainer(
     cache: list[UplinkPackage]
     stop_event: threading.Event
     intra_op_threads: int | None = 1
+    client_timeout: float | None = None
 
     def progress_fn(self, it: list[Future[UplinkPackage]]) -> Iterable[Future[UplinkPackage]]:
         """Wrap the futures for progress reporting (e.g. ``tqdm(it)``); no-op by default.
@@ -186,7 +210,8 @@ class ThreadPoolClientTrainer(
             cid: The client id.
             device: Where to train (from :meth:`get_client_device`).
             payload: The server's downlink package; shared by all threads, so treat it as
-                read-only.
+                read-only (an in-place change fails the round with
+                :class:`~emberfl.errors.PayloadWriteError`).
             stop_event: Stop early (e.g. between batches) once it is set.
 
         Returns:
@@ -215,29 +240,47 @@ class ThreadPoolClientTrainer(
         Raises:
             ClientError: If a worker raised; it names the client and carries the
                 traceback. The other clients are stopped and nothing is cached.
+            ClientTimeoutError: A client trained longer than :attr:`client_timeout`.
+            PayloadWriteError: A client changed a payload tensor in place.
+            KeyboardInterrupt: Ctrl-C (the first one stops the call); its message names
+                the clients that did not stop within a second.
         """
         self.stop_event.clear()
         results: list[UplinkPackage] = []
+        marks = [(path, t, t._version) for path, t in iter_tensors(payload)]
+        threads = ClientThreads(
+            self.num_parallels, timeout=self.client_timeout, name="emberfl-client"
+        )
+        interrupted = False
         with intra_op_threads(self.intra_op_threads):
-            executor = ThreadPoolExecutor(
-                max_workers=max(1, self.num_parallels), thread_name_prefix="emberfl-client"
-            )
             try:
                 futures = [
-                    executor.submit(
-                        self.worker, cid, self.get_client_device(cid), payload, self.stop_event
+                    threads.submit(
+                        cid, self.worker, cid, self.get_client_device(cid), payload, self.stop_event
                     )
                     for cid in cid_list
                 ]
                 cid_of = {id(f): cid for f, cid in zip(futures, cid_list, strict=True)}
                 for future in self.progress_fn(futures):
+                    cid = cid_of[id(future)]
                     try:
-                        results.append(future.result())
+                        results.append(threads.result(future))
+                    except ClientError:
+                        raise
                     except Exception as exc:
-                        raise _as_client_error(cid_of[id(future)], exc) from exc
+                        raise _as_client_error(cid, exc) from exc
+                    _check_payload_versions(marks, cid, threads.running())
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
             finally:
                 self.stop_event.set()
-                executor.shutdown(wait=True, cancel_futures=True)
+                stuck = threads.close(drain_s=1.0)
+                if interrupted and stuck:
+                    raise KeyboardInterrupt(
+                        f"clients {', '.join(map(str, stuck))} were still training and were "
+                        "left running in their threads"
+                    )
         self.cache.extend(results)
 
 
@@ -295,6 +338,10 @@ class ProcessPoolClientTrainer(
             milliseconds; a spawned one imports PyTorch first (seconds). The results
             are the same bits either way. A ``worker`` that raises its own thread count
             (``torch.set_num_threads``) needs ``"spawn"``.
+        client_timeout: Seconds a client may train, or ``None`` (the default) for no
+            limit. A client still running after that is stopped: its worker is killed,
+            :meth:`local_process` raises :class:`~emberfl.errors.ClientTimeoutError`
+            naming it, and the pool restarts on the next call.
     """
 
     num_parallels: int
@@ -307,6 +354,7 @@ class ProcessPoolClientTrainer(
     start_method: StartMethod = "auto"
     ipc_mode: IPCMode | None = None
     share_dir: Path | None = None
+    client_timeout: float | None = None
 
     def __class_getitem__(cls, params: Any) -> Any:
         """Accept BlazeFL 2.x's three type parameters as well as 3.0's four.
@@ -371,8 +419,9 @@ class ProcessPoolClientTrainer(
 
         Args:
             config: The client's configuration (:meth:`get_client_config`).
-            payload: The server's downlink package; its tensors are read-only views of
-                shared memory.
+            payload: The server's downlink package; its tensors are zero-copy,
+                copy-on-write views of shared memory: a write into them stays with this
+                client, as if the payload had been pickled for it alone.
             device: Where to train.
             stop_event: Stop early (e.g. between batches) once it is set.
             shm_buffer: This worker's uplink buffer (views into its arena slot), filled
@@ -440,7 +489,12 @@ class ProcessPoolClientTrainer(
                     for cid in cid_list
                 ]
                 jobs: list[ClientJob[BufferPackage]] = pool.start_round(
-                    type(self).worker, payload, template, clients, fresh_shared=True
+                    type(self).worker,
+                    payload,
+                    template,
+                    clients,
+                    fresh_shared=True,
+                    timeout=self.client_timeout,
                 )
                 results = [
                     self.convert_buffer_to_uplink(job.get()) for job in self.progress_fn(jobs)
@@ -481,7 +535,11 @@ class ProcessPoolClientTrainer(
             torch.save(self.get_client_config(cid), config_path)
             clients.append((cid, self.get_client_device(cid), config_path))
         jobs: list[ClientJob[Any]] = pool.start_round(
-            _StorageWorker(type(self).worker), payload_path, None, clients
+            _StorageWorker(type(self).worker),
+            payload_path,
+            None,
+            clients,
+            timeout=self.client_timeout,
         )
         return [self.convert_buffer_to_uplink(_load_result(job)) for job in self.progress_fn(jobs)]
 

@@ -32,7 +32,7 @@ from emberfl.algorithms.base import (
     Split,
     StreamSpec,
 )
-from emberfl.errors import ClientError, ConfigError, TensorMismatchError
+from emberfl.errors import ClientError, ConfigError, PayloadWriteError, TensorMismatchError
 from emberfl.state_store import ClientStateStore
 
 __all__ = [
@@ -159,6 +159,61 @@ def as_client_error(cid: int, exc: BaseException) -> ClientError:
     )
     error.__cause__ = exc
     return error
+
+
+BroadcastMarks = dict[str, tuple[torch.Tensor, int, torch.Tensor]]
+"""Each broadcast tensor, its in-place version counter and a private copy of its values."""
+
+
+def broadcast_marks(broadcast: dict[str, torch.Tensor]) -> BroadcastMarks:
+    """Remember the broadcast as the round starts (see :func:`check_broadcast`)."""
+    return {name: (t, t._version, t.detach().clone()) for name, t in broadcast.items()}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def check_broadcast(
+    broadcast: dict[str, torch.Tensor],
+    marks: BroadcastMarks,
+    cid: int,
+    running: dict[int, float] | None = None,
+) -> None:
+    """Raise if a client wrote into the broadcast, after putting the values back.
+
+    Every client of a round starts from the same broadcast, which the in-process modes
+    share between clients: a client that writes into it would change what later clients
+    (and, in thread mode, clients training beside it) start from.
+
+    Args:
+        broadcast: The round's broadcast.
+        marks: :func:`broadcast_marks` of it, taken before any client ran.
+        cid: The client that just finished.
+        running: Clients still training (thread mode), named as possible writers.
+
+    Raises:
+        PayloadWriteError: A broadcast tensor's values (or version counter) changed.
+    """
+    for name, (tensor, version, values) in marks.items():
+        if (
+            broadcast.get(name) is tensor
+            and tensor._version == version
+            and _same_bits(tensor, values)
+        ):
+            continue
+        broadcast[name] = tensor  # the entry itself may have been replaced
+        with torch.no_grad():
+            tensor.copy_(values)
+        marks[name] = (tensor, tensor._version, values)
+        others = sorted(c for c in (running or {}) if c != cid)
+        who = f" (or client {', '.join(map(str, others))}, training beside it)" if others else ""
+        raise PayloadWriteError(
+            cid,
+            f"wrote into the round's broadcast {name!r}{who}, which every client of the "
+            "round starts from; its values were restored. Copy a broadcast tensor before "
+            "changing it (tensor.clone())",
+        )
 
 
 def check_result(result: object, plan: RoundPlan, cid: int) -> ClientResult:

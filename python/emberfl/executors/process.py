@@ -212,9 +212,7 @@ class ProcessExecutor(Executor):
             ConfigError: ``num_parallels < 1``.
         """
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(
-            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
-        )
+        super().__init__(setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout)
         self.num_parallels = num_parallels
         self.start_method: StartMethod = start_method
         self.drain_timeout_s = drain_timeout_s
@@ -308,7 +306,14 @@ class ProcessExecutor(Executor):
         self.stop_event.clear()
         try:
             jobs = pool.start_round(
-                _process_client, dict(plan.broadcast), template, clients, borrow=True, pin=[shared]
+                _process_client,
+                dict(plan.broadcast),
+                template,
+                clients,
+                borrow=True,
+                pin=[shared],
+                check_payload=True,
+                timeout=self.client_timeout,
             )
             for position, job in enumerate(jobs):
                 result = check_result(job.get(), plan, job.cid)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from emberfl.core._threads import Deadline
 from emberfl.core.intra_op import intra_op_threads
+from emberfl.errors import ClientTimeoutError
 from emberfl.executors.base import (
     ClientSetup,
     Consume,
     Executor,
     RoundPlan,
     as_client_error,
+    broadcast_marks,
+    check_broadcast,
     check_result,
 )
 
@@ -41,19 +45,37 @@ class SerialExecutor(Executor):
             client_timeout: Seconds a client may train before the round fails with a
                 :class:`~emberfl.errors.ClientTimeoutError` (``None``: no limit).
         """
-        super().__init__(
-            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
-        )
+        super().__init__(setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout)
         self._model = setup.template()
 
     def run(self, plan: RoundPlan, consume: Consume) -> None:
-        """Train ``plan.cids`` in order, calling ``consume`` after each (see :class:`Executor`)."""
+        """Train ``plan.cids`` in order, calling ``consume`` after each (see :class:`Executor`).
+
+        Raises:
+            ClientError: A client raised (it names the client and keeps the traceback).
+            ClientTimeoutError: A client trained longer than ``client_timeout`` (enforced
+                when the round runs in the main thread: the client is interrupted as by
+                Ctrl-C).
+            PayloadWriteError: A client wrote into the broadcast (its values are put
+                back before the error is raised).
+        """
         self.stop_event.clear()
+        marks = broadcast_marks(plan.broadcast)
         with intra_op_threads(self.intra_op_threads):
             for position, cid in enumerate(plan.cids):
                 client = self.client(plan, cid, self._model)
+                deadline = Deadline(self.client_timeout)
                 try:
-                    result = check_result(plan.algorithm.client_update(client), plan, cid)
+                    with deadline:
+                        update = plan.algorithm.client_update(client)
+                    result = check_result(update, plan, cid)
+                except KeyboardInterrupt:
+                    if deadline.fired and self.client_timeout is not None:
+                        raise ClientTimeoutError(
+                            cid, deadline.elapsed, self.client_timeout, (cid,), "it was interrupted"
+                        ) from None
+                    raise
                 except Exception as exc:
                     raise as_client_error(cid, exc) from exc
+                check_broadcast(plan.broadcast, marks, cid)
                 consume(position, cid, result)

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from emberfl.algorithms.base import ClientResult
+from emberfl.core._threads import ClientThreads
 from emberfl.core.intra_op import intra_op_threads
+from emberfl.errors import ClientError
 from emberfl.executors.base import (
     ClientSetup,
     Consume,
     Executor,
     RoundPlan,
     as_client_error,
+    broadcast_marks,
+    check_broadcast,
     check_positive_int,
     check_result,
 )
 
 __all__ = ["ThreadExecutor"]
+
+_DRAIN_S = 1.0  # after a failure or Ctrl-C, how long running clients get to stop
 
 
 class ThreadExecutor(Executor):
@@ -62,9 +68,7 @@ class ThreadExecutor(Executor):
             ConfigError: ``num_parallels < 1``.
         """
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(
-            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
-        )
+        super().__init__(setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout)
         self.num_parallels = num_parallels
         self._models: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         for _ in range(num_parallels):
@@ -90,11 +94,20 @@ class ThreadExecutor(Executor):
 
         Raises:
             ClientError: The first failing client in list order; the others are stopped.
+            ClientTimeoutError: A client trained longer than ``client_timeout``; it is
+                asked to stop and left running in its (daemon) thread.
+            PayloadWriteError: A client wrote into the broadcast, which all threads share.
+            KeyboardInterrupt: Ctrl-C; its message names the clients that were still
+                training and did not stop within a second.
         """
         self.stop_event.clear()
         window = 2 * self.num_parallels
+        marks = broadcast_marks(plan.broadcast)
+        threads = ClientThreads(
+            self.num_parallels, timeout=self.client_timeout, name="emberfl-client"
+        )
+        interrupted = False
         with intra_op_threads(self.intra_op_threads):
-            pool = ThreadPoolExecutor(self.num_parallels, thread_name_prefix="emberfl-client")
             pending: deque[tuple[int, Future[ClientResult]]] = deque()
             try:
                 following = iter(plan.cids)
@@ -106,13 +119,30 @@ class ThreadExecutor(Executor):
                         # State slots are allocated here, in one thread.
                         state = plan.state.views(cid) if plan.state is not None else {}
                         is_new = plan.state is None or not plan.state.is_written(cid)
-                        pending.append((cid, pool.submit(self._train, plan, cid, state, is_new)))
+                        future = threads.submit(cid, self._train, plan, cid, state, is_new)
+                        pending.append((cid, future))
                     cid, future = pending.popleft()
                     try:
-                        result = future.result()
+                        result = threads.result(future)
+                    except ClientError:
+                        raise
                     except Exception as exc:
                         raise as_client_error(cid, exc) from exc
+                    check_broadcast(plan.broadcast, marks, cid, threads.running())
                     consume(position, cid, result)
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
             finally:
                 self.stop_event.set()
-                pool.shutdown(wait=True, cancel_futures=True)
+                stuck = threads.close(drain_s=_DRAIN_S)
+                if stuck:
+                    # Their threads keep their models: give the next round fresh ones.
+                    self._models = queue.SimpleQueue()
+                    for _ in range(self.num_parallels):
+                        self._models.put(self.setup.template())
+                if interrupted and stuck:
+                    raise KeyboardInterrupt(
+                        f"clients {', '.join(map(str, stuck))} were still training and were "
+                        "left running in their threads"
+                    )

@@ -180,9 +180,7 @@ class VectorizedExecutor(Executor):
         ):
             raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         check_positive_int("num_parallels", num_parallels)
-        super().__init__(
-            setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout
-        )
+        super().__init__(setup, intra_op_threads=intra_op_threads, client_timeout=client_timeout)
         self.chunk_size = chunk_size
         self.num_parallels = num_parallels
         self.retain_memory = retain_memory
