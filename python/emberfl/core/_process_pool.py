@@ -247,13 +247,17 @@ def _serve(state: _WorkerState, conn: Connection) -> None:
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return  # the parent went away
+        except (EOFError, OSError):
+            return  # the parent went away (closed, reset or killed): nothing to report
         kind = message[0]
         if kind == "exit":
             return
         if kind == "task":
-            conn.send_bytes(_run_task(state, *message[1:]))
+            reply = _run_task(state, *message[1:])
+            try:
+                conn.send_bytes(reply)
+            except OSError:
+                return  # the parent went away while the client trained
         else:
             _apply_control(state, message)
 

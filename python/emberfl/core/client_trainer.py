@@ -51,6 +51,7 @@ UplinkPackage = TypeVar("UplinkPackage")
 DownlinkPackage = TypeVar("DownlinkPackage", contravariant=True)
 ClientConfig = TypeVar("ClientConfig")
 BufferPackage = TypeVar("BufferPackage")
+_R = TypeVar("_R")
 
 
 class IPCMode(StrEnum):
@@ -254,22 +255,27 @@ class ThreadPoolClientTrainer(
         interrupted = False
         with intra_op_threads(self.intra_op_threads):
             try:
+
+                def train(cid: int, device: str) -> UplinkPackage:
+                    result = self.worker(cid, device, payload, self.stop_event)
+                    # Checked in the client's thread, as it returns: with one thread the
+                    # culprit is certain, with several it is this client or one beside it.
+                    _check_payload_versions(marks, cid, threads.running())
+                    return result
+
                 futures = [
-                    threads.submit(
-                        cid, self.worker, cid, self.get_client_device(cid), payload, self.stop_event
-                    )
-                    for cid in cid_list
+                    threads.submit(cid, train, cid, self.get_client_device(cid)) for cid in cid_list
                 ]
                 cid_of = {id(f): cid for f, cid in zip(futures, cid_list, strict=True)}
                 for future in self.progress_fn(futures):
                     cid = cid_of[id(future)]
                     try:
-                        results.append(threads.result(future))
+                        result = threads.result(future)
                     except ClientError:
                         raise
                     except Exception as exc:
                         raise _as_client_error(cid, exc) from exc
-                    _check_payload_versions(marks, cid, threads.running())
+                    results.append(_returned(self, cid, result))
             except KeyboardInterrupt:
                 interrupted = True
                 raise
@@ -497,7 +503,8 @@ class ProcessPoolClientTrainer(
                     timeout=self.client_timeout,
                 )
                 results = [
-                    self.convert_buffer_to_uplink(job.get()) for job in self.progress_fn(jobs)
+                    self.convert_buffer_to_uplink(_returned(self, job.cid, job.get()))
+                    for job in self.progress_fn(jobs)
                 ]
         finally:
             self.stop_event.set()
@@ -637,6 +644,17 @@ class _StorageWorker:
 
     def __call__(self, config: Path, payload: Path, device: str, stop_event: Any, **_: Any) -> Any:
         return self.worker(config, payload, device, stop_event)
+
+
+def _returned(trainer: object, cid: int, result: _R) -> _R:
+    """Return a worker's result, or raise if the worker returned ``None``."""
+    if result is None:
+        raise ClientError(
+            cid,
+            f"{type(trainer).__name__}.worker returned None; it must return the client's "
+            "package (did it forget a return statement?)",
+        )
+    return result
 
 
 def _load_result(job: ClientJob[Any]) -> Any:

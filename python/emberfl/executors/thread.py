@@ -10,7 +10,9 @@ is its own stream, and results are consumed in client-list order.
 from __future__ import annotations
 
 import queue
+import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import ClassVar
 
@@ -80,12 +82,19 @@ class ThreadExecutor(Executor):
         return self.num_parallels
 
     def _train(
-        self, plan: RoundPlan, cid: int, state: dict[str, torch.Tensor], is_new: bool
+        self,
+        plan: RoundPlan,
+        cid: int,
+        state: dict[str, torch.Tensor],
+        is_new: bool,
+        check: Callable[[int], None],
     ) -> ClientResult:
         model = self._models.get()
         try:
             client = self.client(plan, cid, model, state=state, state_is_new=is_new)
-            return check_result(plan.algorithm.client_update(client), plan, cid)
+            update = plan.algorithm.client_update(client)
+            check(cid)  # in the client's thread, as it returns (see run)
+            return check_result(update, plan, cid)
         finally:
             self._models.put(model)
 
@@ -103,6 +112,14 @@ class ThreadExecutor(Executor):
         self.stop_event.clear()
         window = 2 * self.num_parallels
         marks = broadcast_marks(plan.broadcast)
+        lock = threading.Lock()
+
+        def check(cid: int) -> None:
+            # Checked as each client returns, in its thread: with one thread the culprit
+            # is certain; with several it is this client or one training beside it.
+            with lock:
+                check_broadcast(plan.broadcast, marks, cid, threads.running())
+
         threads = ClientThreads(
             self.num_parallels, timeout=self.client_timeout, name="emberfl-client"
         )
@@ -119,7 +136,7 @@ class ThreadExecutor(Executor):
                         # State slots are allocated here, in one thread.
                         state = plan.state.views(cid) if plan.state is not None else {}
                         is_new = plan.state is None or not plan.state.is_written(cid)
-                        future = threads.submit(cid, self._train, plan, cid, state, is_new)
+                        future = threads.submit(cid, self._train, plan, cid, state, is_new, check)
                         pending.append((cid, future))
                     cid, future = pending.popleft()
                     try:
@@ -128,7 +145,6 @@ class ThreadExecutor(Executor):
                         raise
                     except Exception as exc:
                         raise as_client_error(cid, exc) from exc
-                    check_broadcast(plan.broadcast, marks, cid, threads.running())
                     consume(position, cid, result)
             except KeyboardInterrupt:
                 interrupted = True
