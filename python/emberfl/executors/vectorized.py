@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,10 +35,11 @@ import torch
 
 from emberfl.algorithms.base import ClientResult, iter_epochs
 from emberfl.algorithms.local_sgd import LocalResult, LocalSGD, Terms, shaped
+from emberfl.core._threads import ClientThreads, Deadline
 from emberfl.core.heap import retain_freed_memory
 from emberfl.core.intra_op import intra_op_threads
 from emberfl.core.vectorized import ConvMode, DropoutCall, VectorizedModel, stack_batches
-from emberfl.errors import ClientError, ConfigError
+from emberfl.errors import ClientError, ClientTimeoutError, ConfigError
 from emberfl.executors.base import (
     ClientSetup,
     Consume,
@@ -48,6 +49,8 @@ from emberfl.executors.base import (
     check_result,
 )
 from emberfl.nn import dropout_mask
+
+_DRAIN_S = 1.0  # after a failure, how long running chunks get to stop
 
 __all__ = ["DEFAULT_CPU_CHUNK", "VectorizedExecutor", "default_chunk_size"]
 
@@ -201,6 +204,11 @@ class VectorizedExecutor(Executor):
             ClientError: Training a chunk raised (it names the chunk's first client and
                 lists the others).
             TensorMismatchError: The broadcast model or an uplink has the wrong size.
+            ClientTimeoutError: A chunk trained longer than ``client_timeout`` (a chunk's
+                clients train together, so the limit applies to the chunk; the error
+                names its first client and lists the others). With one thread the
+                chunk is interrupted; with several it is asked to stop and left running
+                in its thread, and later rounds train on a fresh model.
         """
         algorithm = plan.algorithm
         if not isinstance(algorithm, LocalSGD) or not algorithm.vectorizable:
@@ -252,12 +260,23 @@ class VectorizedExecutor(Executor):
                     free.append(vmodel)
 
         position = 0
+        timeout = self.client_timeout
         with intra_op_threads(self.intra_op_threads):
             if workers == 1:
                 for start in starts:
-                    position = self._deliver(train(start), plan, consume, position)
+                    deadline = Deadline(timeout)
+                    try:
+                        with deadline:
+                            done = train(start)
+                    except KeyboardInterrupt:
+                        if deadline.fired and timeout is not None:
+                            raise self._timed_out(
+                                plan.cids[start : start + chunk], deadline.elapsed, timeout
+                            ) from None
+                        raise
+                    position = self._deliver(done, plan, consume, position)
                 return
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="emberfl-chunk")
+            threads = ClientThreads(workers, timeout=timeout, name="emberfl-chunk")
             pending: deque[Future[_Chunk]] = deque()
             following: Iterator[int] = iter(starts)
             try:
@@ -266,13 +285,35 @@ class VectorizedExecutor(Executor):
                         upcoming = next(following, None)
                         if upcoming is None:
                             break
-                        pending.append(pool.submit(train, upcoming))
+                        # A chunk is known by its first client.
+                        pending.append(threads.submit(plan.cids[upcoming], train, upcoming))
                     if not pending:
                         break
-                    position = self._deliver(pending.popleft().result(), plan, consume, position)
+                    try:
+                        done = threads.result(pending.popleft())
+                    except ClientTimeoutError as exc:
+                        first = plan.cids.index(exc.cid)
+                        raise self._timed_out(
+                            plan.cids[first : first + chunk], exc.elapsed, exc.timeout
+                        ) from None
+                    position = self._deliver(done, plan, consume, position)
             finally:
                 self.stop_event.set()
-                pool.shutdown(wait=True, cancel_futures=True)
+                if threads.close(drain_s=_DRAIN_S):
+                    # A stuck chunk keeps its model: later rounds must not share it.
+                    self._vmodel = self._vmodel.replica()
+                    self._replicas = [self._vmodel]
+
+    @staticmethod
+    def _timed_out(cids: list[int], elapsed: float, timeout: float) -> ClientTimeoutError:
+        others = f" (trained together with clients {cids[1:]})" if len(cids) > 1 else ""
+        return ClientTimeoutError(
+            cids[0],
+            elapsed,
+            timeout,
+            (cids[0],),
+            f"its chunk was asked to stop{others}",
+        )
 
     @staticmethod
     def _deliver(done: _Chunk, plan: RoundPlan, consume: Consume, position: int) -> int:
