@@ -7,6 +7,8 @@ equations they follow are recomputed independently in the tests.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -237,3 +239,33 @@ class Diverges(FedAvg):
         if client.cid == 2:
             result.uplink["delta"][-1] = float("nan")
         return result
+
+
+class HangingData(LazyData):
+    """Client ``hang_cid``'s loader never returns, deaf to stop requests, while ``flag``
+    exists (a stuck network file system, a deadlocked data pipeline)."""
+
+    def __init__(self, num_clients: int, *, hang_cid: int, flag: str) -> None:
+        super().__init__(num_clients)
+        self.hang_cid = hang_cid
+        self.flag = flag
+
+    def get_dataloader(self, type_: Any, cid: int | None, *args: Any, **kw: Any) -> Any:
+        if cid == self.hang_cid:
+            while os.path.exists(self.flag):
+                time.sleep(0.01)
+        return super().get_dataloader(type_, cid, *args, **kw)
+
+
+class WritesBroadcast(FedAvg):
+    """Client ``writer`` adds 1 to the global model it was sent, in place."""
+
+    def __init__(self, *, writer: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writer = writer
+
+    def client_update(self, client: Client) -> ClientResult:
+        if client.cid == self.writer:
+            with torch.no_grad():
+                client.broadcast["model"].add_(1.0)
+        return super().client_update(client)

@@ -51,6 +51,9 @@ def _train(config: FaultConfig, stop_event: Any) -> int:
     if config.behaviour == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     Path(config.marker_dir, f"started-{config.cid}").touch()
+    if config.behaviour == "hang":  # never returns while the release file is missing
+        while not Path(config.marker_dir, "release").exists():
+            time.sleep(0.01)
     done = 0
     for _ in range(config.batches):
         if stop_event.is_set():  # checked once per batch
@@ -97,6 +100,10 @@ class FaultyProcessTrainer(ProcessPoolClientTrainer[FaultUp, FaultDown, FaultCon
         if config.behaviour == "wrong_dtype":
             shm_buffer.values = torch.zeros(4, dtype=torch.float64)
             return FaultUp(config.cid, SHMHandle(), 0)
+        if config.behaviour == "write_payload":
+            payload.scale.add_(100.0)
+        if config.behaviour == "none":
+            return None  # type: ignore[return-value]
         done = _train(config, stop_event)
         assert isinstance(shm_buffer.values, torch.Tensor)
         shm_buffer.values.copy_(payload.scale * config.cid)
@@ -120,6 +127,10 @@ class FaultyThreadTrainer(ThreadPoolClientTrainer[FaultUp, FaultDown]):
 
     def worker(self, cid: int, device: str, payload: FaultDown, stop_event: Any) -> FaultUp:
         config = FaultConfig(cid, self.behaviours.get(cid, "ok"), self.marker_dir, self.batches)
+        if config.behaviour == "write_payload":
+            payload.scale.add_(100.0)
+        if config.behaviour == "none":
+            return None  # type: ignore[return-value]
         done = _train(config, stop_event)
         return FaultUp(cid, payload.scale * cid, done)
 

@@ -1,0 +1,266 @@
+"""Fault injection: hung clients, writes into the broadcast, workers that return nothing.
+
+Each fault is injected in every mode it can happen in, and each test checks three
+things: the error names the client (and, for a time limit, the elapsed time) and comes
+within the limit plus two seconds; nothing leaks (file descriptors, memfds, ``/dev/shm``
+entries, worker processes); and the next round gives the same bits as a run that never
+saw the fault.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from emberfl.algorithms import FedAvg
+from emberfl.errors import ClientError, ClientTimeoutError, PayloadWriteError
+from emberfl.executors import ClientSetup, make_executor
+from emberfl.simulation import Simulation
+from fl_testkit import HangingData, LazyData, WritesBroadcast, linear_model
+from test_faults import (
+    FaultDown,
+    FaultyProcessTrainer,
+    FaultyThreadTrainer,
+    _alive,
+    _shared_memory_in_use,
+    _wait_for,
+)
+
+TIMEOUT = 1.0
+SLACK = 2.0  # a hung client is reported within the limit plus this
+SEED = 5
+NUM_CLIENTS = 8
+CIDS = [0, 3, 5, 6, 1]
+HUNG = 5
+
+
+def _payload() -> FaultDown:
+    return FaultDown(torch.ones(4))
+
+
+def _resources() -> tuple[int, set[str], int]:
+    """Open file descriptors, ``/dev/shm`` entries and memfds of this process.
+
+    A caught exception's traceback holds the frames that raised it (and their views of
+    shared memory) until the garbage collector breaks the cycle: collect first.
+    """
+    gc.collect()
+    shm, memfds = _shared_memory_in_use()
+    return len(os.listdir("/proc/self/fd")), shm, memfds
+
+
+def _values(packages: list[Any]) -> list[list[float]]:
+    return [p.values.tolist() for p in packages]
+
+
+# ------------------------------------------------------------------------------------------
+# The core protocols: ProcessPoolClientTrainer and ThreadPoolClientTrainer
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_process_trainer_kills_a_hung_worker_and_restarts_the_pool(tmp_path: Path) -> None:
+    trainer = FaultyProcessTrainer(2, tmp_path)
+    trainer.client_timeout = TIMEOUT
+    with trainer:
+        trainer.local_process(_payload(), [0, 1, 2])  # warm: the workers have imported torch
+        reference = _values(trainer.uplink_package())
+        before = _resources()
+        pids = trainer.worker_pids()
+        trainer.behaviours = {1: "hang"}
+        start = time.monotonic()
+        with pytest.raises(ClientTimeoutError) as info:
+            trainer.local_process(_payload(), [0, 1, 2])
+        took = time.monotonic() - start
+        trainer.behaviours = {}
+        assert info.value.cid == 1
+        assert TIMEOUT <= info.value.elapsed < TIMEOUT + SLACK
+        assert took < TIMEOUT + SLACK, took
+        assert "client 1: still training after" in str(info.value)
+        assert "was killed" in str(info.value)
+        del info
+        assert trainer.uplink_package() == []
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(_alive(p) for p in pids), "the hung worker is still running"
+        # The next call starts a new pool and gives what a never-hung run gives.
+        trainer.local_process(_payload(), [0, 1, 2])
+        assert _values(trainer.uplink_package()) == reference
+        assert set(trainer.worker_pids()).isdisjoint(pids)
+        assert _resources() == before
+
+
+@pytest.mark.timeout(60)
+def test_thread_trainer_reports_a_hung_client_and_goes_on(tmp_path: Path) -> None:
+    trainer = FaultyThreadTrainer(2, tmp_path)
+    trainer.client_timeout = TIMEOUT
+    trainer.local_process(_payload(), [0, 1, 2])
+    reference = _values(trainer.uplink_package())
+    trainer.behaviours = {2: "hang"}
+    start = time.monotonic()
+    try:
+        with pytest.raises(ClientTimeoutError) as info:
+            trainer.local_process(_payload(), [0, 1, 2])
+        took = time.monotonic() - start
+        trainer.behaviours = {}
+        assert info.value.cid == 2 and info.value.elapsed >= TIMEOUT
+        assert took < TIMEOUT + SLACK, took
+        assert "left running in its thread" in str(info.value)
+        assert trainer.cache == []
+        trainer.local_process(_payload(), [0, 1, 2])  # the stuck thread is not in the way
+        assert _values(trainer.uplink_package()) == reference
+    finally:
+        (tmp_path / "release").touch()
+
+
+@pytest.mark.timeout(60)
+def test_thread_trainer_first_ctrl_c_stops_a_hung_round(tmp_path: Path) -> None:
+    trainer = FaultyThreadTrainer(2, tmp_path)
+    trainer.behaviours = {0: "hang"}  # no time limit: only Ctrl-C can end it
+    sent_at: list[float] = []
+
+    def interrupt() -> None:
+        _wait_for(tmp_path / "started-0")
+        time.sleep(0.1)
+        sent_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"clients 0 were still training"):
+            trainer.local_process(_payload(), [0, 1, 2])
+        assert time.monotonic() - sent_at[0] < SLACK
+        assert trainer.cache == []
+    finally:
+        sender.join()
+        (tmp_path / "release").touch()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_returning_none_is_named(tmp_path: Path) -> None:
+    process = FaultyProcessTrainer(2, tmp_path)
+    with process:
+        process.behaviours = {1: "none"}
+        with pytest.raises(ClientError, match=r"client 1: .*\.worker returned None") as info:
+            process.local_process(_payload(), [0, 1, 2])
+        assert info.value.cid == 1
+        process.behaviours = {}
+        process.local_process(_payload(), [0, 1])  # the pool is still usable
+        assert len(process.uplink_package()) == 2
+    thread = FaultyThreadTrainer(2, tmp_path)
+    thread.behaviours = {2: "none"}
+    with pytest.raises(ClientError, match=r"client 2: .*\.worker returned None"):
+        thread.local_process(_payload(), [0, 1, 2])
+    assert thread.cache == []
+
+
+@pytest.mark.timeout(120)
+def test_process_workers_cannot_change_what_other_clients_start_from(tmp_path: Path) -> None:
+    trainer = FaultyProcessTrainer(2, tmp_path)
+    trainer.behaviours = {2: "write_payload"}
+    payload = _payload()
+    with trainer:
+        runs = []
+        for _ in range(2):
+            trainer.local_process(payload, list(range(8)))
+            runs.append(_values(trainer.uplink_package()))
+    # Client 2 sees its own write (copy-on-write); nobody else does, whichever worker
+    # trains them and in whichever order.
+    expected = [[(101.0 if cid == 2 else 1.0) * cid] * 4 for cid in range(8)]
+    assert runs == [expected, expected]
+    assert torch.equal(payload.scale, torch.ones(4))
+
+
+def test_thread_trainer_names_a_client_writing_into_the_payload(tmp_path: Path) -> None:
+    trainer = FaultyThreadTrainer(1, tmp_path)
+    trainer.behaviours = {1: "write_payload"}
+    with pytest.raises(PayloadWriteError, match=r"client 1: changed the payload's tensor") as info:
+        trainer.local_process(_payload(), [0, 1, 2])
+    assert info.value.cid == 1
+    assert trainer.cache == []
+
+
+# ------------------------------------------------------------------------------------------
+# The executors, through Simulation
+# ------------------------------------------------------------------------------------------
+
+MODES = [("serial", 1), ("thread", 2), ("process", 2), ("vectorized", 1), ("vectorized", 2)]
+
+
+def _setup(data: Any) -> ClientSetup:
+    return ClientSetup(data, linear_model(), batch_size=3, seed=SEED)
+
+
+def _reference(mode: str, parallelism: int, rounds: int) -> torch.Tensor:
+    executor = make_executor(mode, _setup(LazyData(NUM_CLIENTS)), parallelism=parallelism)
+    with Simulation(FedAvg(lr=0.1), executor, num_clients=NUM_CLIENTS) as sim:
+        for _ in range(rounds):
+            sim.run_round(CIDS)
+        return sim.state.model.clone()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("mode", "parallelism"), MODES)
+def test_hung_client_times_out_and_the_retried_round_has_the_same_bits(
+    tmp_path: Path, mode: str, parallelism: int
+) -> None:
+    flag = tmp_path / "hang"
+    data = HangingData(NUM_CLIENTS, hang_cid=HUNG, flag=str(flag))
+    options: dict[str, Any] = {"chunk_size": 2} if mode == "vectorized" else {}
+    executor = make_executor(
+        mode, _setup(data), parallelism=parallelism, client_timeout=TIMEOUT, **options
+    )
+    with Simulation(FedAvg(lr=0.1), executor, num_clients=NUM_CLIENTS) as sim:
+        sim.run_round(CIDS)  # warm: process workers have started
+        before_model = sim.state.model.clone()
+        before = _resources()
+        flag.touch()
+        start = time.monotonic()
+        try:
+            with pytest.raises(ClientTimeoutError) as info:
+                sim.run_round(CIDS)
+        finally:
+            took = time.monotonic() - start
+            flag.unlink()  # a thread left behind finishes now
+        # Vectorized mode names a chunk by its first client ([0, 3], [5, 6], [1]).
+        assert info.value.cid == HUNG
+        assert TIMEOUT <= info.value.elapsed < TIMEOUT + SLACK
+        assert took < TIMEOUT + SLACK, took
+        assert f"client {HUNG}: still training after" in str(info.value)
+        del info  # its traceback holds the failed round's frames
+        assert torch.equal(sim.state.model, before_model)  # the failed round changed nothing
+        sim.run_round(CIDS)
+        got = sim.state.model.clone()
+        assert _resources() == before
+    assert torch.equal(got.view(torch.int32), _reference(mode, parallelism, 2).view(torch.int32))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("mode", "parallelism"), MODES[:3])
+def test_a_client_writing_into_the_broadcast_fails_the_round(mode: str, parallelism: int) -> None:
+    executor = make_executor(mode, _setup(LazyData(NUM_CLIENTS)), parallelism=parallelism)
+    with Simulation(WritesBroadcast(writer=6, lr=0.1), executor, num_clients=NUM_CLIENTS) as sim:
+        before = sim.state.model.clone()
+        with pytest.raises(PayloadWriteError, match=r"wrote into the round's broadcast") as info:
+            sim.run_round(CIDS)
+        # With one thread or in a worker process the writer is certain; with threads
+        # side by side it may be a client that was training beside it.
+        message = str(info.value)
+        assert info.value.cid == 6 or "(or client 6, training beside it)" in message, message
+        del info
+        assert torch.equal(sim.state.model, before)
+        # Without the writer the same simulation goes on, and gives a clean run's bits.
+        sim.algorithm.writer = -1  # type: ignore[attr-defined]
+        sim.run_round(CIDS)
+        got = sim.state.model.clone()
+    assert torch.equal(got.view(torch.int32), _reference(mode, parallelism, 1).view(torch.int32))
