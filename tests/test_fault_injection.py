@@ -9,7 +9,6 @@ saw the fault.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
@@ -47,13 +46,18 @@ def _payload() -> FaultDown:
 
 
 def _resources() -> tuple[int, set[str], int]:
-    """Open file descriptors, ``/dev/shm`` entries and memfds of this process.
+    """Open file descriptors, ``/dev/shm`` files in use and memfds of this process.
 
-    A caught exception's traceback holds the frames that raised it (and their views of
-    shared memory) until the garbage collector breaks the cycle: collect first.
+    ``/dev/shm`` is the machine's: count emberfl's entries and those this process maps
+    (semaphores), not other programs'. No garbage collection first: a failed round's
+    traceback must not hold shared memory.
     """
-    gc.collect()
-    shm, memfds = _shared_memory_in_use()
+    _, memfds = _shared_memory_in_use()
+    shm = {n for n in os.listdir("/dev/shm") if "emberfl" in n}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+        if path.startswith("/dev/shm/"):
+            shm.add(path)
     return len(os.listdir("/proc/self/fd")), shm, memfds
 
 
@@ -86,7 +90,6 @@ def test_process_trainer_kills_a_hung_worker_and_restarts_the_pool(tmp_path: Pat
         assert took < TIMEOUT + SLACK, took
         assert "client 1: still training after" in str(info.value)
         assert "was killed" in str(info.value)
-        del info
         assert trainer.uplink_package() == []
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -237,7 +240,6 @@ def test_hung_client_times_out_and_the_retried_round_has_the_same_bits(
         assert TIMEOUT <= info.value.elapsed < TIMEOUT + SLACK
         assert took < TIMEOUT + SLACK, took
         assert f"client {HUNG}: still training after" in str(info.value)
-        del info  # its traceback holds the failed round's frames
         assert torch.equal(sim.state.model, before_model)  # the failed round changed nothing
         sim.run_round(CIDS)
         got = sim.state.model.clone()

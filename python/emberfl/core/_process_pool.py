@@ -623,6 +623,10 @@ class ProcessPool:
         self._sticky.clear()
         self._retired.clear()
         self._down_arena = self._up_arena = None
+        # Drop the round's results too: a borrowed result is a view of an arena, and an
+        # error's traceback keeps this pool (and so the arena's memory) alive.
+        self._tasks, self._results, self._done, self._held = [], [], [], {}
+        self._up_skeleton = None
         self._res.close(graceful=graceful)
         self._finalizer.detach()
 

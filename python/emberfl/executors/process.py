@@ -320,6 +320,8 @@ class ProcessExecutor(Executor):
                 try:
                     consume(position, job.cid, result)
                 finally:
+                    # A view of shared memory: an error's traceback must not keep it.
+                    del result
                     job.release()
         finally:
             self.stop_event.set()
