@@ -138,3 +138,20 @@ def test_blazefl_pipeline_runs_on_emberfl_in_both_ipc_modes(data_dir: Path, tmp_
         assert len(record["round_seconds"]) == TINY.rounds
         checksums.append(record["checksum"])
     assert checksums[0] == checksums[1]
+
+
+@pytest.mark.timeout(300)
+def test_fault_soak_leaves_descriptors_flat_and_the_model_clean() -> None:
+    """A short soak: one fault of each kind, then the same figures and a clean run's bits."""
+    import bench_faults_soak
+
+    args = bench_faults_soak.parse_args(["--rounds", "9", "--every", "2", "--clients", "4"])
+    clean, _ = bench_faults_soak.soak(args, faults=False)
+    faulted, samples = bench_faults_soak.soak(args, faults=True)
+    assert [s["fault"] for s in samples if s["fault"]] == list(bench_faults_soak.FAULTS)
+    assert all(s["error"] for s in samples if s["fault"])
+    first = samples[0]
+    for sample in samples[1:]:
+        for key in ("fds", "memfds", "shm_entries", "children"):
+            assert sample[key] == first[key], (sample, key)
+    assert faulted == clean
