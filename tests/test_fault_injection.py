@@ -19,8 +19,14 @@ from typing import Any
 import pytest
 import torch
 
-from emberfl.algorithms import FedAvg
-from emberfl.errors import ClientError, ClientTimeoutError, PayloadWriteError
+from emberfl.algorithms import Aggregate, FedAvg, ServerState
+from emberfl.errors import (
+    ClientError,
+    ClientTimeoutError,
+    EmberflError,
+    PayloadWriteError,
+    ServerTimeoutError,
+)
 from emberfl.executors import ClientSetup, make_executor
 from emberfl.simulation import Simulation
 from fl_testkit import HangingData, LazyData, WritesBroadcast, linear_model
@@ -266,3 +272,35 @@ def test_a_client_writing_into_the_broadcast_fails_the_round(mode: str, parallel
         sim.run_round(CIDS)
         got = sim.state.model.clone()
     assert torch.equal(got.view(torch.int32), _reference(mode, parallelism, 1).view(torch.int32))
+
+
+class HangingServer(FedAvg):
+    """The server update never returns while ``flag`` exists."""
+
+    def __init__(self, *, flag: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.flag = flag
+
+    def server_update(self, state: ServerState, aggregate: Aggregate) -> None:
+        while self.flag.exists():
+            time.sleep(0.01)
+        super().server_update(state, aggregate)
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_server_update_is_interrupted_and_the_simulation_refuses_to_go_on(
+    tmp_path: Path,
+) -> None:
+    flag = tmp_path / "hang"
+    flag.touch()
+    executor = make_executor("serial", _setup(LazyData(NUM_CLIENTS)))
+    algorithm = HangingServer(flag=flag, lr=0.1)
+    with Simulation(algorithm, executor, num_clients=NUM_CLIENTS, server_timeout=TIMEOUT) as sim:
+        start = time.monotonic()
+        with pytest.raises(ServerTimeoutError, match=r"round 1: the aggregation") as info:
+            sim.run_round(CIDS)
+        assert time.monotonic() - start < TIMEOUT + SLACK + 1.0  # + the clients' training
+        assert info.value.elapsed >= TIMEOUT and info.value.round == 1
+        flag.unlink()
+        with pytest.raises(EmberflError, match=r"server_timeout=1 s\) and were interrupted"):
+            sim.run_round(CIDS)

@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteError",
     "PartitionError",
     "PayloadWriteError",
+    "ServerTimeoutError",
     "SharedMemoryError",
     "SlotIndexError",
     "StaleHandleError",
@@ -145,6 +146,33 @@ class ClientTimeoutError(ClientError):
         self.elapsed = elapsed
         self.timeout = timeout
         self.running = running
+
+
+class ServerTimeoutError(EmberflError, TimeoutError):
+    """The server's aggregation and update took longer than ``server_timeout``.
+
+    Attributes:
+        round: The round (1-based) whose update was interrupted.
+        elapsed: Seconds it had been running.
+        timeout: The limit, in seconds.
+    """
+
+    def __init__(self, round_: int, elapsed: float, timeout: float) -> None:
+        """Create the error.
+
+        Args:
+            round_: The round (1-based).
+            elapsed: Seconds the aggregation and update had been running.
+            timeout: The limit, in seconds.
+        """
+        super().__init__(
+            f"round {round_}: the aggregation and server update were still running after "
+            f"{elapsed:.1f} s (server_timeout={timeout:g} s) and were interrupted; the server "
+            "state may be partly updated, so restore a checkpoint to go on"
+        )
+        self.round = round_
+        self.elapsed = elapsed
+        self.timeout = timeout
 
 
 class PayloadWriteError(ClientError):

@@ -53,8 +53,9 @@ from emberfl.aggregation import Aggregator, Mean, UpdateSet, WeightedSum
 from emberfl.algorithms.base import Aggregate, Algorithm, ClientResult, ModelLayout, ServerState
 from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.core import deserialize_model, serialize_model
-from emberfl.errors import CheckpointError, ConfigError, EmberflError
-from emberfl.executors.base import Executor, RoundPlan
+from emberfl.core._threads import Deadline
+from emberfl.errors import CheckpointError, ConfigError, EmberflError, ServerTimeoutError
+from emberfl.executors.base import Executor, RoundPlan, check_timeout
 from emberfl.rng import Purpose, stream
 from emberfl.state_store import ClientStateStore, StateBacking
 
@@ -100,6 +101,7 @@ class Simulation:
         state_dir: str | os.PathLike[str] | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
         aggregation_threads: int | None = None,
+        server_timeout: float | None = None,
     ) -> None:
         """Set up the server state from the executor's model.
 
@@ -114,6 +116,11 @@ class Simulation:
             spill_dir: Where an aggregator that needs all updates keeps them when memory
                 is short.
             aggregation_threads: Rust threads for the sums (default: PyTorch's count).
+            server_timeout: Seconds a round's aggregation and server update may take
+                (``None``: no limit). Enforced in the main thread, as Ctrl-C is: a hang in
+                Python code (a custom aggregator or ``server_update``) is interrupted
+                with :class:`~emberfl.errors.ServerTimeoutError`. Client time limits are
+                the executor's ``client_timeout``.
 
         Raises:
             ConfigError: A count out of range, or an aggregator for a stream the algorithm
@@ -137,6 +144,7 @@ class Simulation:
         self.aggregator = aggregator or Mean()
         self.spill_dir = spill_dir
         self.aggregation_threads = aggregation_threads
+        self.server_timeout = check_timeout("server_timeout", server_timeout)
         model = executor.setup.model
         self.layout = ModelLayout.of(model)
         self.streams = algorithm.uplink_streams(self.layout)
@@ -188,6 +196,8 @@ class Simulation:
             NonFiniteError: A client sent NaN or infinity (the message names the client,
                 the stream, the layer, the index inside the layer and the value).
             TensorMismatchError: A client's uplink does not match the declared streams.
+            ServerTimeoutError: The aggregation and server update took longer than
+                ``server_timeout``; the simulation cannot go on (restore a checkpoint).
         """
         if self._broken is not None:
             raise EmberflError(self._broken)
@@ -254,11 +264,24 @@ class Simulation:
                     f"the {self.executor.name} executor returned {done} of the "
                     f"{len(cids)} clients' results"
                 )
-            aggregate = self._aggregate(folds, kept, len(cids))
-            aggregate.metrics = {k: v / samples for k, v in totals.items()} if samples else {}
-            self.algorithm.server_update(self.state, aggregate)
+            deadline = Deadline(self.server_timeout)
+            try:
+                with deadline:
+                    aggregate = self._aggregate(folds, kept, len(cids))
+                    aggregate.metrics = (
+                        {k: v / samples for k, v in totals.items()} if samples else {}
+                    )
+                    self.algorithm.server_update(self.state, aggregate)
+            except KeyboardInterrupt:
+                if deadline.fired and self.server_timeout is not None:
+                    error = ServerTimeoutError(
+                        self.state.round + 1, deadline.elapsed, self.server_timeout
+                    )
+                    self._broken = str(error)
+                    raise error from None
+                raise
         except BaseException:
-            if self.client_state is not None:
+            if self.client_state is not None and self._broken is None:
                 self._broken = (
                     f"round {self.state.round + 1} failed after some clients had updated their "
                     "state, so this simulation cannot go on; restore a checkpoint "
