@@ -3,8 +3,10 @@
 A run's options come from three layers, later ones winning: the defaults below, a TOML
 file (``--config FILE``, one flat table whose keys are the field names of
 :class:`RunConfig`, e.g. ``num_clients = 20``; ``num-clients`` is accepted too) and the
-command line. The effective configuration is written to ``RUN_DIR/config.toml``, which is
-itself a valid ``--config`` file and what ``emberfl run --resume RUN_DIR`` reads back.
+command line. A key may be spelled once per file (``num-clients`` and ``num_clients`` in
+one file is an error). The effective configuration is written to ``RUN_DIR/config.toml``,
+which is itself a valid ``--config`` file and what ``emberfl run --resume RUN_DIR`` reads
+back.
 
 Example:
     >>> cfg = merge_config(RunConfig(), {"rounds": 3}, {"lr": 0.1}, source="example")
@@ -18,6 +20,7 @@ import dataclasses
 import difflib
 import math
 import os
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from emberfl.models import MODEL_NAMES
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_CLIENT_TIMEOUT",
     "MODES",
     "PARTITION_OPTIONS",
     "RESUME_OVERRIDABLE",
@@ -38,8 +42,10 @@ __all__ = [
     "config_to_toml",
     "load_config_file",
     "merge_config",
+    "parse_client_timeout",
     "partition_options",
     "resolve_device",
+    "unreadable_reason",
 ]
 
 
@@ -70,10 +76,26 @@ PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
 see :func:`partition_options`)."""
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"rounds", "mode", "parallelism", "chunk_size", "device", "checkpoint_every", "quiet"}
+    {
+        "rounds",
+        "mode",
+        "parallelism",
+        "chunk_size",
+        "device",
+        "checkpoint_every",
+        "client_timeout",
+        "quiet",
+    }
 )
 """Keys that ``emberfl run --resume`` may change: they do not alter the rounds already run
-(results are bitwise identical across modes and parallelism; ``rounds`` extends a run)."""
+(results are bitwise identical across serial, thread and process modes and any
+parallelism; ``rounds`` extends a run). Changes that would alter the bits (to or from
+vectorized mode, another chunk split in vectorized mode, CPU to CUDA) are refused when the
+run is resumed."""
+
+DEFAULT_CLIENT_TIMEOUT = 600.0
+"""Seconds a client may train in an ``emberfl run`` unless ``client_timeout`` says
+otherwise."""
 
 _NOT_SAVED = frozenset({"output_dir", "quiet"})
 
@@ -118,6 +140,10 @@ class RunConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         seed: The experiment seed (partition, client sampling, model init, shuffling).
         checkpoint_every: Save a checkpoint every this many rounds (0: only at the end).
+        client_timeout: Seconds a client may train before the run stops with a
+            :class:`~emberfl.errors.ClientTimeoutError` (0: no limit; ``"off"`` in a TOML
+            file or on the command line means 0). It does not change any result, so a
+            resumed run may change it.
         quiet: No progress bars or tables; print only the run directory.
     """
 
@@ -146,6 +172,7 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = 5
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     quiet: bool = False
 
     def validate(self) -> None:
@@ -165,6 +192,15 @@ class RunConfig:
             _check_at_least(key, getattr(self, key), 1)
         for key in ("parallelism", "checkpoint_every", "seed"):
             _check_at_least(key, getattr(self, key), 0)
+        if self.output_dir is not None and not self.output_dir.strip():
+            raise ConfigError("output_dir must name a folder, got an empty string")
+        if not (
+            math.isfinite(self.client_timeout) and 0 <= self.client_timeout <= threading.TIMEOUT_MAX
+        ):
+            raise ConfigError(
+                f'client_timeout must be a number of seconds >= 0 (0 or "off": no limit), '
+                f"got {self.client_timeout}"
+            )
         if self.seed >= 1 << 64:
             raise ConfigError(f"seed must fit in 64 bits (0 <= seed < 2**64), got {self.seed}")
         if not (math.isfinite(self.sample_ratio) and 0 < self.sample_ratio <= 1):
@@ -214,6 +250,10 @@ class RunConfig:
                     "use it"
                 )
 
+    def timeout_seconds(self) -> float | None:
+        """Return ``client_timeout`` as the executors take it (``None``: no limit)."""
+        return self.client_timeout if self.client_timeout > 0 else None
+
     def clients_per_round(self) -> int:
         """Return how many clients train in each round."""
         return max(1, int(self.num_clients * self.sample_ratio))
@@ -254,6 +294,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "seed": (int,),
     "checkpoint_every": (int,),
+    "client_timeout": (float, int),
     "quiet": (bool,),
 }
 _OPTIONAL = frozenset(
@@ -355,13 +396,19 @@ def check_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         The normalised layer.
 
     Raises:
-        ConfigError: For an unknown key (with the closest valid one) or a table or array
-            value.
+        ConfigError: For an unknown key (with the closest valid one), two spellings of
+            one key (``num-clients`` and ``num_clients``), or a table or array value.
     """
     names = [f.name for f in dataclasses.fields(RunConfig)]
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
+        if key in spelled:
+            raise ConfigError(
+                f"{source}: keys {spelled[key]!r} and {raw_key!r} both set {key}; keep one"
+            )
+        spelled[key] = raw_key
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -393,10 +440,62 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is {unreadable_reason(exc)}; save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+
+
+def parse_client_timeout(text: str) -> float:
+    """Parse a ``client_timeout`` given as text: ``600``, ``1.5``, ``0`` or ``off``.
+
+    Args:
+        text: The value.
+
+    Returns:
+        Seconds; 0 for no limit (``0`` or ``off``).
+
+    Raises:
+        ConfigError: For anything else, or a negative or non-finite number.
+
+    Example:
+        >>> parse_client_timeout("off"), parse_client_timeout("90")
+        (0.0, 90.0)
+    """
+    raw = text.strip().lower()
+    if raw in ("off", "none"):
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= threading.TIMEOUT_MAX):
+        raise ConfigError(
+            f"client_timeout must be a number of seconds >= 0, or off for no limit; got {text!r}"
+        )
+    return value
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Say in a few words why a text file could not be read.
+
+    Args:
+        exc: What reading it raised.
+
+    Returns:
+        ``"not UTF-8 text (byte 0xff at offset 0)"``, the system's reason for an
+        ``OSError``, or the first line of the message.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def merge_config(base: RunConfig, *layers: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -417,8 +516,10 @@ def merge_config(base: RunConfig, *layers: Mapping[str, Any], source: str = "con
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(check_keys(layer, source))
+    if isinstance(merged.get("client_timeout"), str):
+        merged["client_timeout"] = parse_client_timeout(merged["client_timeout"])
     config = dataclasses.replace(base, **merged)
-    for key in ("alpha", "sigma", "sample_ratio", "lr"):
+    for key in ("alpha", "sigma", "sample_ratio", "lr", "client_timeout"):
         value = getattr(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(config, key, float(value))
