@@ -338,7 +338,7 @@ def test_unwritable_output_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str
     blocker.write_text("")
     assert run_cli("--output-dir", str(blocker / "run"), *TINY) == 2
     err = capsys.readouterr().err
-    assert "cannot write to output directory" in err
+    assert f"{blocker} is a file, not a folder" in err
     assert "--output-dir" in err
 
 

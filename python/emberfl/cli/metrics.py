@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emberfl.cli.checkpoint import atomic_write_text
+from emberfl.atomic import append_text, atomic_write_text
+from emberfl.cli.config import unreadable_reason
 from emberfl.errors import CheckpointError
 
 __all__ = [
@@ -99,10 +100,8 @@ class MetricsLog:
         Args:
             row: The round's metrics.
         """
-        with (self.run_dir / JSONL_FILE).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        with (self.run_dir / CSV_FILE).open("a", encoding="utf-8", newline="") as f:
-            f.write(_csv_text([row], header=False))
+        append_text(self.run_dir / JSONL_FILE, json.dumps(row) + "\n")
+        append_text(self.run_dir / CSV_FILE, _csv_text([row], header=False))
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[Row]:
@@ -117,12 +116,19 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[Row]:
         The rows, in round order (empty if the file does not exist).
 
     Raises:
-        CheckpointError: If a line other than the last is not valid JSON.
+        CheckpointError: If the file is not UTF-8 text or a line other than the last is not
+            valid JSON.
     """
     path = Path(run_dir) / JSONL_FILE
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(
+            f"{path} is {unreadable_reason(exc)}; `emberfl run --resume {Path(run_dir)}` "
+            "rewrites it from the checkpoint"
+        ) from None
     rows: list[Row] = []
     for i, line in enumerate(lines):
         if not line.strip():

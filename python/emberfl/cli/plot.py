@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emberfl.atomic import name_os_errors
+from emberfl.cli.config import unreadable_reason
 from emberfl.cli.metrics import read_metrics
-from emberfl.cli.run import CONFIG_FILE, PARTITION_CSV
+from emberfl.cli.run import CONFIG_FILE, PARTITION_CSV, file_in_the_way
 from emberfl.data import plot_partition_heatmap, read_partition_csv
-from emberfl.errors import ConfigError
+from emberfl.errors import CheckpointError, ConfigError, EmberflError
 
 __all__ = ["ACCURACY_PNG", "LOSS_PNG", "PARTITION_PNG", "plot_curves", "plot_run"]
 
@@ -71,7 +73,8 @@ def plot_curves(
     if ax.lines:
         ax.legend()
     ax.set_title(title)
-    fig.savefig(os.fspath(path), format="png")
+    with name_os_errors(path):
+        fig.savefig(os.fspath(path), format="png")
 
 
 def plot_run(
@@ -88,7 +91,9 @@ def plot_run(
         ``partition.png`` when it has ``partition.csv``.
 
     Raises:
-        ConfigError: If ``run_dir`` is not a run directory or ``out_dir`` is not writable.
+        ConfigError: If ``run_dir`` is not a run directory or ``out_dir`` cannot be created.
+        CheckpointError: If ``metrics.jsonl`` or ``partition.csv`` is damaged.
+        OSError: If a PNG cannot be written (``filename`` names it).
     """
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():
@@ -97,10 +102,17 @@ def plot_run(
             "`emberfl run` wrote"
         )
     dest = Path(out_dir) if out_dir is not None else run
+    blocker = file_in_the_way(dest)
+    if blocker is not None:
+        raise ConfigError(
+            f"cannot create {dest}: {blocker} is a file, not a folder; choose another --out-dir"
+        )
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create {dest}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"cannot create {dest}: {exc.strerror or exc}; choose another --out-dir"
+        ) from None
     written: list[Path] = []
     rows = read_metrics(run)
     name = run.resolve().name
@@ -121,7 +133,16 @@ def plot_run(
             title=f"{name}: loss of the global model",
         )
         written += [dest / ACCURACY_PNG, dest / LOSS_PNG]
-    if (run / PARTITION_CSV).is_file():
-        plot_partition_heatmap(dest / PARTITION_PNG, read_partition_csv(run / PARTITION_CSV))
+    csv_path = run / PARTITION_CSV
+    if csv_path.is_file():
+        try:
+            counts = read_partition_csv(csv_path)
+        except (EmberflError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot read {csv_path}: {unreadable_reason(exc)}; delete it and run "
+                f"`emberfl run --resume {run}` to rewrite it"
+            ) from None
+        with name_os_errors(dest / PARTITION_PNG):
+            plot_partition_heatmap(dest / PARTITION_PNG, counts)
         written.append(dest / PARTITION_PNG)
     return written

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from emberfl.cli.checkpoint import load_checkpoint
+from emberfl.cli.config import unreadable_reason
 from emberfl.cli.metrics import format_summary, read_metrics
 from emberfl.cli.run import CONFIG_FILE, FINAL_MODEL_FILE, PARTITION_CSV
 from emberfl.data import partition_stats, read_partition_csv
@@ -56,7 +57,9 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
         statistics, as text.
 
     Raises:
-        ConfigError: If ``run_dir`` is not a run directory.
+        ConfigError: If ``run_dir`` is not a run directory or its ``config.toml`` is not
+            UTF-8 text.
+        CheckpointError: If ``metrics.jsonl`` is damaged.
     """
     run = Path(run_dir)
     config_path = run / CONFIG_FILE
@@ -65,11 +68,15 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
             f"{run} is not an emberfl run directory (no {CONFIG_FILE}); pass a folder that "
             "`emberfl run` wrote"
         )
+    try:
+        config_text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {config_path} is {unreadable_reason(exc)}; restore it as UTF-8"
+        ) from None
     rows = read_metrics(run)
     config_lines = [
-        line
-        for line in config_path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
+        line for line in config_text.splitlines() if line.strip() and not line.startswith("#")
     ]
     parts = [
         f"run: {run}",
@@ -88,8 +95,8 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
         stats = partition_stats(read_partition_csv(csv_path))
     except FileNotFoundError:
         parts.append(f"  no {PARTITION_CSV}")
-    except (EmberflError, ValueError) as exc:
-        parts.append(f"  {csv_path} is unreadable: {exc}")
+    except (EmberflError, ValueError, OSError) as exc:
+        parts.append(f"  {csv_path} is unreadable: {unreadable_reason(exc)}")
     else:
         width = max(len(label) for _, label, _ in _STAT_LABELS)
         parts += [

@@ -24,6 +24,11 @@ Layout of a run directory::
     RUN_DIR/metrics.csv              the same, as CSV
     RUN_DIR/checkpoint/              the last checkpoint (see emberfl.cli.checkpoint)
     RUN_DIR/final_model.safetensors  the final global model's state dict
+    RUN_DIR/error.log                tracebacks of failed commands (written by emberfl.cli)
+
+Before any training the run directory and its ``checkpoint/`` folder are created and
+probed with a test write, so a folder that cannot be written (a file in its place, no
+permission, a full disk) fails the run at once with a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import datetime
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -44,11 +49,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from emberfl.algorithms import ALGORITHMS, Split
+from emberfl.atomic import name_os_errors
 from emberfl.cli.checkpoint import (
     CHECKPOINT_DIR,
+    STATE_FILE,
     Checkpoint,
     atomic_write_bytes,
     load_checkpoint,
+    prepare_checkpoint_dir,
     save_checkpoint,
     save_model_file,
 )
@@ -60,6 +68,7 @@ from emberfl.cli.config import (
     merge_config,
     partition_options,
     resolve_device,
+    unreadable_reason,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
 from emberfl.core import intra_op_threads, serialize_model
@@ -90,6 +99,7 @@ __all__ = [
     "PARTITION_PNG",
     "RunResult",
     "default_run_dir",
+    "file_in_the_way",
     "final_model_metadata",
     "load_run_config",
     "resume_config",
@@ -198,21 +208,63 @@ def load_run_config(run_dir: Path) -> dict[str, Any]:
     return load_config_file(path)
 
 
-def _make_run_dir(path: Path) -> None:
-    if (path / CONFIG_FILE).exists() or (path / CHECKPOINT_DIR).exists():
+def file_in_the_way(path: Path) -> Path | None:
+    """Return the file that stops ``path`` from being (or being created as) a folder.
+
+    Args:
+        path: A path that should be a folder.
+
+    Returns:
+        ``path`` itself or the nearest existing path above it, when that is not a folder;
+        ``None`` when nothing is in the way.
+    """
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _prepare_dirs(path: Path, *, resume: bool) -> None:
+    """Create the run directory and its checkpoint folder and check that both are writable.
+
+    Raises:
+        ConfigError: If either cannot be created or written, naming the folder, why and
+            what to do.
+    """
+    ckpt = path / CHECKPOINT_DIR
+    if not resume and ((path / CONFIG_FILE).exists() or (ckpt / STATE_FILE).exists()):
         raise ConfigError(
             f"{path} already holds a run: continue it with `emberfl run --resume {path}` or "
             "choose another --output-dir"
         )
+    for folder, what in ((path, "output directory"), (ckpt, "checkpoint folder")):
+        blocker = file_in_the_way(folder)
+        if blocker is not None:
+            other = "" if resume else " or choose another --output-dir"
+            raise ConfigError(
+                f"cannot create {what} {folder}: {blocker} is a file, not a folder; move it "
+                f"away{other}"
+            )
+    fix = (
+        "make it writable (permissions, disk space) and resume again"
+        if resume
+        else "choose another --output-dir"
+    )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".emberfl-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with name_os_errors(probe):
+            probe.write_bytes(b"")
+            probe.unlink()
     except OSError as exc:
         raise ConfigError(
-            f"cannot write to output directory {path}: {exc.strerror or exc}; choose another "
-            "--output-dir"
+            f"cannot write to output directory {path}: {exc.strerror or exc}; {fix}"
+        ) from None
+    try:
+        prepare_checkpoint_dir(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to checkpoint folder {ckpt}: {exc.strerror or exc}; {fix}"
         ) from None
 
 
@@ -296,6 +348,67 @@ def _check_resumed_config(saved: dict[str, Any], config: RunConfig, where: str) 
             )
 
 
+def _device_kind(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu" if device == "cpu" else "cuda"
+
+
+def _check_same_bits(saved: Mapping[str, Any], config: RunConfig, run_dir: Path) -> None:
+    """Refuse a resume whose mode, chunking or device would change the results' bits.
+
+    Serial, thread and process modes give bitwise equal results at any parallelism, so
+    switching among them is fine; vectorized mode equals them only up to float rounding,
+    and in vectorized mode so does another chunk split; CPU and CUDA kernels differ too.
+
+    Raises:
+        ConfigError: Naming what changed, why it matters and the option to resume with.
+    """
+    where = f"the checkpoint in {run_dir / CHECKPOINT_DIR}"
+    before = str(saved.get("mode", config.mode))
+    if (before == "vectorized") != (config.mode == "vectorized"):
+        again = "vectorized" if before == "vectorized" else "serial, thread or process"
+        raise ConfigError(
+            f"--mode {config.mode} cannot resume {where}: it was written in {before} mode, "
+            "and vectorized mode gives other bits than serial, thread and process mode "
+            "(equal only up to float rounding), so the resumed run would match neither; "
+            f"resume with --mode {again}"
+        )
+    if config.mode == "vectorized":
+        chunk = saved.get("chunk_size")
+        if chunk != config.chunk_size:
+            shown = "unset" if chunk is None else chunk
+            again = "without --chunk-size" if chunk is None else f"with --chunk-size {chunk}"
+            raise ConfigError(
+                f"--chunk-size {config.chunk_size} cannot resume {where}: it was written with "
+                f"chunk_size {shown}, and vectorized mode's results depend on the chunk split "
+                f"(up to float rounding); resume {again}"
+            )
+        parallelism = saved.get("parallelism", config.parallelism)
+        if (
+            chunk is None
+            and isinstance(parallelism, int)
+            and resolve_device(config.device) == "cpu"
+        ):
+            earlier = dataclasses.replace(config, parallelism=parallelism).workers()
+            if earlier != config.workers():
+                raise ConfigError(
+                    f"--parallelism {config.parallelism} cannot resume {where}: with "
+                    f"chunk_size unset, vectorized mode on the CPU splits a round by the "
+                    f"parallelism, and the run used {earlier} (this resume: "
+                    f"{config.workers()}), which changes the results up to float rounding; "
+                    f"resume with --parallelism {earlier}"
+                )
+    device_before = str(saved.get("device", config.device))
+    kind_before, kind_now = _device_kind(device_before), _device_kind(config.device)
+    if kind_before != kind_now:
+        raise ConfigError(
+            f"--device {config.device} cannot resume {where}: it was written on {kind_before} "
+            f"(device {device_before!r}), and {kind_before} and {kind_now} kernels give "
+            f"different bits; resume with --device {device_before}"
+        )
+
+
 def _rng_state(suite: RNGSuite) -> dict[str, Any]:
     version, internal, gauss = suite.python.getstate()
     state: dict[str, Any] = {
@@ -363,7 +476,7 @@ def _build_simulation(
         seed=config.seed,
         device=device,
     )
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"client_timeout": config.timeout_seconds()}
     if config.mode == "vectorized":
         options["chunk_size"] = config.chunk_size
     executor = make_executor(config.mode, setup, parallelism=config.workers(), **options)
@@ -388,12 +501,14 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     workers = "" if config.mode == "serial" else f" x{config.workers()}"
     if config.mode == "vectorized":
         workers += f" (chunk {config.chunk_size or 'auto'})"
+    limit = config.timeout_seconds()
+    timeout = f"client timeout {limit:g} s" if limit is not None else "no client timeout"
     return (
         f"{config.algorithm}: {config.model} on {data.name} ({data.num_train} train / "
         f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "
         f"x {config.clients_per_round()} clients x {config.epochs} epochs, batch "
         f"{config.batch_size}, lr {config.lr}; {config.mode}{workers} on {device}, "
-        f"seed {config.seed}"
+        f"{timeout}, seed {config.seed}"
     )
 
 
@@ -401,21 +516,28 @@ def _write_partition_report(
     run_dir: Path, counts: np.ndarray[Any, np.dtype[np.int64]], *, resume: bool
 ) -> None:
     csv_path = run_dir / PARTITION_CSV
+    png_path = run_dir / PARTITION_PNG
     if resume and csv_path.exists():
         try:
             saved = read_partition_csv(csv_path)
-        except EmberflError:
-            saved = None
-        if saved is None or not np.array_equal(saved, counts):
+        except (EmberflError, ValueError, OSError) as exc:
+            raise CheckpointError(
+                f"cannot read {csv_path}: {unreadable_reason(exc)}; delete it and resume "
+                f"again: `emberfl run --resume {run_dir}` rewrites it from config.toml"
+            ) from None
+        if not np.array_equal(saved, counts):
             raise CheckpointError(
                 f"the partition rebuilt from config.toml differs from {csv_path}: the data set "
                 "or emberfl's partitioner changed since the run started, so it cannot resume"
             )
-        if not (run_dir / PARTITION_PNG).exists():
-            plot_partition_heatmap(run_dir / PARTITION_PNG, counts)
+        if not png_path.exists():
+            with name_os_errors(png_path):
+                plot_partition_heatmap(png_path, counts)
         return
-    write_partition_csv(csv_path, counts)
-    plot_partition_heatmap(run_dir / PARTITION_PNG, counts)
+    with name_os_errors(csv_path):
+        write_partition_csv(csv_path, counts)
+    with name_os_errors(png_path):
+        plot_partition_heatmap(png_path, counts)
 
 
 def run_experiment(
@@ -443,12 +565,17 @@ def run_experiment(
         The run's results.
 
     Raises:
-        ConfigError: For an invalid configuration, an impossible model or data set, or an
-            output directory that cannot be written.
+        ConfigError: For an invalid configuration, an impossible model or data set, an
+            output directory or checkpoint folder that cannot be written (checked before
+            training), or a resume whose mode, chunking or device would change the bits.
         PartitionError: If the partition cannot be made.
         DatasetNotFoundError: If an on-disk data set is missing.
         CheckpointError: If the checkpoint to resume from is corrupt or does not match.
-        ClientError: If a client's training raised.
+        CheckpointSaveError: If a checkpoint could not be written (a full disk); the
+            previous checkpoint is kept.
+        ClientError: If a client's training raised or ran out of time.
+        OSError: If another file of the run could not be written (``filename`` names it).
+        KeyboardInterrupt: On Ctrl-C; the last checkpoint is kept.
     """
     stream = out if out is not None else sys.stdout
     config.validate()
@@ -479,13 +606,13 @@ def run_experiment(
         checkpoint = load_checkpoint(run_dir)
         if checkpoint is not None:
             _check_resumed_config(checkpoint.config, config, f"checkpoint in {run_dir}")
+            _check_same_bits(checkpoint.config, config, run_dir)
             if checkpoint.round > config.rounds:
                 raise ConfigError(
                     f"the checkpoint in {run_dir} is at round {checkpoint.round}, beyond "
                     f"rounds={config.rounds}; pass --rounds {checkpoint.round} or more"
                 )
-    else:
-        _make_run_dir(run_dir)
+    _prepare_dirs(run_dir, resume=resume)
     toml_bytes = _toml_bytes(config)
     atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
     _write_partition_report(run_dir, counts, resume=resume)
@@ -544,48 +671,40 @@ def run_experiment(
             ),
         )
 
-    try:
-        # One intra-op thread, as the clients use: evaluation and aggregation on a busy
-        # machine are many times slower with OpenMP threads spinning against each other.
-        with sim, intra_op_threads(1):
-            round_bar = bars.bar(
-                total=config.rounds, initial=start_round, desc="rounds", unit="round"
-            )
-            with round_bar:
-                while sim.round < config.rounds:
-                    round_start = time.perf_counter()
-                    cids = sim.sample_clients()
-                    with bars.bar(
-                        total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
-                    ) as client_bar:
-                        summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
-                    sim.load_global_into(model)
-                    test_loss, test_acc = evaluate(model, test_loader, device)
-                    train_loss, train_acc = evaluate(model, train_loader, device)
-                    row: dict[str, Any] = {
-                        "round": sim.round,
-                        "wall_time_s": round(wall_time(), 3),
-                        "round_time_s": round(time.perf_counter() - round_start, 3),
-                        "num_clients": len(cids),
-                        "train_loss": train_loss,
-                        "train_accuracy": train_acc,
-                        "test_loss": test_loss,
-                        "test_accuracy": test_acc,
-                        "client_loss": summary.get("train_loss"),
-                    }
-                    metrics.append(row)
-                    log.append(row)
-                    every = config.checkpoint_every
-                    if sim.round >= config.rounds or (every > 0 and sim.round % every == 0):
-                        checkpoint_now()
-                    round_bar.set_postfix(test_acc=f"{100 * row['test_accuracy']:.1f}%")
-                    round_bar.update(1)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted after round {sim.round}; continue with: emberfl run --resume {run_dir}",
-            file=sys.stderr,
-        )
-        raise
+    # One intra-op thread, as the clients use: evaluation and aggregation on a busy machine
+    # are many times slower with OpenMP threads spinning against each other. A Ctrl-C
+    # (KeyboardInterrupt) goes to the caller; the last checkpoint stays as it was.
+    with sim, intra_op_threads(1):
+        round_bar = bars.bar(total=config.rounds, initial=start_round, desc="rounds", unit="round")
+        with round_bar:
+            while sim.round < config.rounds:
+                round_start = time.perf_counter()
+                cids = sim.sample_clients()
+                with bars.bar(
+                    total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
+                ) as client_bar:
+                    summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
+                sim.load_global_into(model)
+                test_loss, test_acc = evaluate(model, test_loader, device)
+                train_loss, train_acc = evaluate(model, train_loader, device)
+                row: dict[str, Any] = {
+                    "round": sim.round,
+                    "wall_time_s": round(wall_time(), 3),
+                    "round_time_s": round(time.perf_counter() - round_start, 3),
+                    "num_clients": len(cids),
+                    "train_loss": train_loss,
+                    "train_accuracy": train_acc,
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "client_loss": summary.get("train_loss"),
+                }
+                metrics.append(row)
+                log.append(row)
+                every = config.checkpoint_every
+                if sim.round >= config.rounds or (every > 0 and sim.round % every == 0):
+                    checkpoint_now()
+                round_bar.set_postfix(test_acc=f"{100 * row['test_accuracy']:.1f}%")
+                round_bar.update(1)
 
     final_path = run_dir / FINAL_MODEL_FILE
     save_model_file(
