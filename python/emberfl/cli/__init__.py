@@ -5,10 +5,11 @@
 * ``emberfl plot RUN_DIR``: accuracy and loss curves and the partition heatmap as PNG.
 * ``emberfl report RUN_DIR``: configuration, summary table and partition statistics.
 
-User errors (a bad option value, an impossible partition, a missing data set, a corrupt
-checkpoint, an unwritable output directory) print one ``emberfl: error: ...`` line on
-stderr and exit with status 2 (usage errors: bad options and configurations) or 1 (the
-rest); real bugs still show their traceback.
+Errors print one ``emberfl: error: ...`` line on stderr (what failed, which file, what to
+do) and no traceback; when the run directory exists the full traceback is appended to
+``RUN_DIR/error.log`` and the line ends with ``details in RUN_DIR/error.log``. See
+:func:`main` for the exit statuses. Real bugs (an exception that is neither an emberfl
+error nor an ``OSError``) still show their traceback.
 
 Example:
     >>> main(["run", "--help"])  # doctest: +ELLIPSIS
@@ -20,26 +21,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import errno
+import os
+import shlex
 import sys
 import textwrap
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from emberfl import __version__
-from emberfl.errors import ConfigError, EmberflError, PartitionError
+from emberfl.errors import CheckpointError, ClientError, ConfigError, EmberflError, PartitionError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ERROR_LOG", "build_parser", "main"]
+
+ERROR_LOG = "error.log"
+"""The file inside a run directory that collects the tracebacks of failed commands."""
 
 _USAGE_ERRORS = (ConfigError, PartitionError)
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``PROG: error: MESSAGE``."""
+    """An argument parser whose errors are one line: ``emberfl: error: MESSAGE``."""
 
     def error(self, message: str) -> NoReturn:
         """Print a one-line error with a pointer to ``--help`` and exit with status 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"emberfl: error: {message} (see {self.prog} --help)\n")
 
 
 # (flag, config key, type, choices or None, metavar, help)
@@ -60,6 +70,23 @@ def _count(text: str) -> int:
     if not value.is_integer() or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole count")
     return int(value)
+
+
+def _path(text: str) -> str:
+    """Accept a non-empty path (``''`` would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+def _timeout(text: str) -> float:
+    """Parse ``--client-timeout``: seconds, or ``0`` / ``off`` for no limit."""
+    from emberfl.cli.config import parse_client_timeout
+
+    try:
+        return parse_client_timeout(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _widths(text: str) -> list[int]:
@@ -92,7 +119,7 @@ def _run_options() -> list[_RunOption]:
         (
             "--output-dir",
             "output_dir",
-            str,
+            _path,
             None,
             "DIR",
             "the run directory to create (default: runs/<dataset>-<algorithm>-<date>-<time>)",
@@ -117,7 +144,7 @@ def _run_options() -> list[_RunOption]:
         (
             "--data-root",
             "data_root",
-            str,
+            _path,
             None,
             "DIR",
             "folder holding cifar10 / cifar100 / mnist / fashion-mnist (nothing is downloaded)",
@@ -245,6 +272,15 @@ def _run_options() -> list[_RunOption]:
             "N",
             "checkpoint every N rounds (0: only after the last round)",
         ),
+        (
+            "--client-timeout",
+            "client_timeout",
+            _timeout,
+            None,
+            "SECONDS",
+            "stop the run with an error naming the client when one trains longer than this "
+            "(0 or off: no limit; it can change on --resume) (default: 600)",
+        ),
     ]
 
 
@@ -265,14 +301,27 @@ def _add_run_parser(commands: Any) -> None:
             "a TOML file (--config; keys are the option names, e.g. num_clients = 20); "
             "command-line options override it.",
             width=88,
+        )
+        + "\n\n"
+        + textwrap.fill(
+            "Errors are one line on stderr; the traceback goes to RUN_DIR/error.log. Exit "
+            "status: 0 on success; 2 for a bad option, config file or output directory "
+            "(nothing is run); 1 for a failure on the way (a client, a full disk, a damaged "
+            "run directory); 130 on Ctrl-C.",
+            width=88,
         ),
     )
-    run.add_argument("--config", metavar="FILE", help="read options from this TOML file")
+    run.add_argument(
+        "--config", metavar="FILE", type=_path, help="read options from this TOML file"
+    )
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=_path,
         help="continue a killed run from its last checkpoint (only --rounds, --mode, "
-        "--parallelism, --device, --checkpoint-every and --quiet may change)",
+        "--parallelism, --chunk-size, --device, --checkpoint-every, --client-timeout and "
+        "--quiet may change, and not in ways that change the results' bits: to or from "
+        "vectorized mode, another chunk split, CPU to CUDA)",
     )
     for flag, key, type_, choices, metavar, text in _run_options():
         default = getattr(defaults, key)
@@ -319,9 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw a run's accuracy and loss curves and partition heatmap",
         description="Render RUN_DIR's accuracy.png, loss.png and partition.png.",
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by emberfl run")
     plot.add_argument(
-        "--out-dir", metavar="DIR", help="write the PNG files here (default: RUN_DIR)"
+        "run_dir", metavar="RUN_DIR", type=_path, help="a directory written by emberfl run"
+    )
+    plot.add_argument(
+        "--out-dir", metavar="DIR", type=_path, help="write the PNG files here (default: RUN_DIR)"
     )
     plot.set_defaults(handler=_cmd_plot)
     report = commands.add_parser(
@@ -329,39 +380,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a run's configuration, summary and partition statistics",
         description="Print RUN_DIR's configuration, summary table and partition statistics.",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by emberfl run")
+    report.add_argument(
+        "run_dir", metavar="RUN_DIR", type=_path, help="a directory written by emberfl run"
+    )
     report.set_defaults(handler=_cmd_report)
     return parser
 
 
+@dataclass
+class _Context:
+    """What an error message may point to: the command's run directory, if it has one."""
+
+    argv: list[str]
+    run_dir: Path | None = None
+    resumable: bool = False  # a run command: the line says how to resume
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from emberfl.cli.config import RunConfig, check_keys, load_config_file, merge_config
-    from emberfl.cli.run import resume_config, run_experiment
+    from emberfl.cli.run import default_run_dir, resume_config, run_experiment
 
+    context: _Context = args.context
     keys = {f.name for f in dataclasses.fields(RunConfig)}
     options = {k: v for k, v in vars(args).items() if k in keys}
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError(
                 "--resume reads RUN_DIR/config.toml; drop --config (change rounds, mode, "
-                "parallelism, device or checkpoint-every with their options)"
+                "parallelism, chunk-size, device, checkpoint-every or client-timeout with "
+                "their options)"
             )
         run_dir = Path(args.resume)
         if "output_dir" in options and Path(options["output_dir"]) != run_dir:
             raise ConfigError("--resume RUN_DIR writes into RUN_DIR; drop --output-dir")
+        context.run_dir, context.resumable = run_dir, True
         run_experiment(resume_config(run_dir, options), run_dir=run_dir, resume=True)
         return 0
     layers: list[dict[str, Any]] = []
     if args.config is not None:
         layers.append(check_keys(load_config_file(args.config), args.config))
     layers.append(options)
-    run_experiment(merge_config(RunConfig(), *layers, source="command line"))
+    config = merge_config(RunConfig(), *layers, source="command line")
+    run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
+    context.run_dir, context.resumable = run_dir, True
+    run_experiment(config, run_dir=run_dir)
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from emberfl.cli.plot import plot_run
 
+    args.context.run_dir = Path(args.run_dir)
     written = plot_run(args.run_dir, out_dir=args.out_dir)
     for path in written:
         print(path)
@@ -373,6 +442,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from emberfl.cli.report import format_report
 
+    args.context.run_dir = Path(args.run_dir)
     print(format_report(args.run_dir))
     return 0
 
@@ -386,30 +456,162 @@ def _exit_status(code: object) -> int:
     return 1
 
 
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return lines[0] if lines else ""
+
+
+def _checkpoint_note(run_dir: Path, *, save_failed: bool) -> str:
+    """Say which round the run's checkpoint holds (read back, so it is known to be whole)
+    and how to resume; ``""`` when there is nothing useful to say."""
+    from emberfl.cli.checkpoint import CHECKPOINT_DIR, load_checkpoint
+    from emberfl.cli.run import CONFIG_FILE
+
+    try:
+        checkpoint = load_checkpoint(run_dir)
+    except (EmberflError, OSError, ValueError):
+        return ""
+    folder = run_dir / CHECKPOINT_DIR
+    resume = f"emberfl run --resume {run_dir}"
+    if checkpoint is not None:
+        held = "still holds" if save_failed else "holds"
+        return f"the checkpoint in {folder} {held} round {checkpoint.round} (resume with: {resume})"
+    if save_failed or (run_dir / CONFIG_FILE).is_file():
+        return f"no checkpoint was saved yet ({resume} starts the run again from round 0)"
+    return ""
+
+
+def _write_error_log(context: _Context, exc: BaseException) -> Path | None:
+    """Append ``exc``'s traceback to ``RUN_DIR/error.log``; ``None`` if it cannot be."""
+    from emberfl.atomic import append_text
+
+    if context.run_dir is None or not context.run_dir.is_dir():
+        return None
+    path = context.run_dir / ERROR_LOG
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    text = (
+        f"--- {stamp} emberfl {__version__}: emberfl {shlex.join(context.argv)}\n"
+        + "".join(traceback.format_exception(exc))
+        + "\n"
+    )
+    try:
+        append_text(path, text)
+    except OSError:
+        return None
+    return path
+
+
+def _os_error_line(exc: OSError) -> str:
+    """What failed, which file and what to do, for an ``OSError``."""
+    from emberfl.cli.run import file_in_the_way
+
+    why = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename
+    if not isinstance(name, str | bytes | os.PathLike):  # None, or a file descriptor
+        return why
+    path = Path(os.fsdecode(name))
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = file_in_the_way(path if exc.errno == errno.EEXIST else path.parent)
+        if blocker is not None:
+            return f"{blocker} is a file where a folder is needed ({why}); move it away"
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"could not write {path}: {why}; free some disk space"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot access {path}: {why}; check the permissions of it and its folder"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {path}: {why}; choose a folder on a writable file system"
+    if exc.errno == errno.EISDIR:
+        return f"{path} is a folder where a file is needed ({why}); move it away"
+    return f"{path}: {why}"
+
+
+def _report(context: _Context, exc: BaseException, message: str, *, status: int) -> int:
+    """Print ``emberfl: error: MESSAGE`` on one line, with a resume note and the
+    ``error.log`` pointer where they apply, and return ``status``."""
+    from emberfl.cli.checkpoint import CheckpointSaveError
+
+    parts = [_first_line(message) or type(exc).__name__]
+    if status != 2:
+        # Whether the run can be resumed: not when its checkpoint is the problem.
+        if (
+            context.resumable
+            and context.run_dir is not None
+            and not isinstance(exc, CheckpointError)
+        ):
+            save_failed = isinstance(exc, CheckpointSaveError)
+            note = _checkpoint_note(context.run_dir, save_failed=save_failed)
+            if note:
+                parts.append(note)
+        log = _write_error_log(context, exc)
+        if log is not None:
+            parts.append(f"details in {log}")
+    print("emberfl: error: " + "; ".join(parts), file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``emberfl`` command line.
+
+    Every failure prints exactly one line on stderr, ``emberfl: error: ...`` (what failed,
+    which file, what to do), never a traceback; when the command has a run directory
+    that exists, the full traceback is appended to ``RUN_DIR/error.log`` and the line
+    ends with ``details in RUN_DIR/error.log``. A failed ``run`` also says which round
+    the kept checkpoint holds and how to resume. A client's failure shows its one-line
+    summary (:attr:`emberfl.errors.ClientError.summary`); the worker's traceback is in
+    ``error.log``. Only exceptions that are neither emberfl errors nor ``OSError`` /
+    ``UnicodeDecodeError`` (bugs) propagate with their traceback.
 
     Args:
         argv: The arguments (``sys.argv[1:]`` if ``None``).
 
     Returns:
-        The exit status: 0 on success, 2 for usage errors (bad options, configurations or
-        partitions), 1 for other emberfl errors (missing data set, corrupt checkpoint, a
-        failing client), 130 when interrupted.
+        The exit status:
+
+        * 0: success;
+        * 2: usage errors, found before anything is run: bad options, a bad configuration
+          (the ``--config`` file or ``RUN_DIR/config.toml`` missing, not UTF-8, not
+          TOML, duplicate or unknown keys, bad values), an impossible partition, an
+          output directory or checkpoint folder that cannot be created or written, a
+          ``--resume`` that would change the experiment or its bits;
+        * 1: failures while working: I/O errors (a full disk, no permission, a file where
+          a folder should be), a damaged run directory (corrupt checkpoint, a
+          ``partition.csv`` or ``metrics.jsonl`` that is not UTF-8), a missing data set,
+          a failing or timed-out client, a checkpoint that could not be saved (the
+          previous one is kept);
+        * 130: interrupted (Ctrl-C): ``emberfl: interrupted[: MESSAGE]`` on stderr, with
+          the round the checkpoint holds and how to resume when the run has one.
     """
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exc:
         return _exit_status(exc.code)
+    context = _Context(argv=arguments)
+    args.context = context
     try:
         status: int = args.handler(args)
-    except _USAGE_ERRORS as exc:
-        print(f"emberfl: error: {exc}", file=sys.stderr)
-        return 2
-    except EmberflError as exc:
-        print(f"emberfl: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        parts = ["emberfl: interrupted"]
+        message = _first_line(str(exc))
+        if message:
+            parts[0] += f": {message}"
+        if context.resumable and context.run_dir is not None:
+            note = _checkpoint_note(context.run_dir, save_failed=False)
+            if note.startswith("the checkpoint"):
+                parts.append(note)
+        print("; ".join(parts), file=sys.stderr)
         return 130
+    except _USAGE_ERRORS as exc:
+        return _report(context, exc, str(exc), status=2)
+    except ClientError as exc:
+        return _report(context, exc, exc.summary, status=1)
+    except EmberflError as exc:
+        return _report(context, exc, str(exc), status=1)
+    except UnicodeDecodeError as exc:
+        from emberfl.cli.config import unreadable_reason
+
+        return _report(context, exc, f"a file is {unreadable_reason(exc)}", status=1)
+    except OSError as exc:
+        return _report(context, exc, _os_error_line(exc), status=1)
     return status
