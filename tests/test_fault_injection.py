@@ -304,3 +304,98 @@ def test_a_hung_server_update_is_interrupted_and_the_simulation_refuses_to_go_on
         flag.unlink()
         with pytest.raises(EmberflError, match=r"server_timeout=1 s\) and were interrupted"):
             sim.run_round(CIDS)
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI under signals: stop, then resume to a clean run's bits
+# ------------------------------------------------------------------------------------------
+
+CLI_RUN = [
+    "--num-clients", "4", "--rounds", "40", "--epochs", "1", "--batch-size", "16",
+    "--train-size", "300", "--checkpoint-every", "1", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The final model of an uninterrupted run (serial: the same bits as process mode)."""
+    from emberfl.cli import main
+
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    assert main(["run", "--output-dir", str(run_dir), *CLI_RUN, "--mode", "serial"]) == 0
+    return (run_dir / "final_model.safetensors").read_bytes()
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    from emberfl.cli.checkpoint import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(run_dir)
+    except Exception:  # not written yet, or mid-rename
+        return -1
+    return -1 if checkpoint is None else checkpoint.round
+
+
+def _emberfl_shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if "emberfl" in n}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("sig", "status", "first_line"),
+    [
+        (signal.SIGTERM, 143, "emberfl: terminated (SIGTERM); the checkpoint in "),
+        (signal.SIGINT, 130, "emberfl: interrupted; the checkpoint in "),
+        (signal.SIGKILL, -signal.SIGKILL, None),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGKILL"],
+)
+def test_a_signalled_cli_run_stops_cleanly_and_resumes_to_the_same_bits(
+    tmp_path: Path, clean_run: bytes, sig: int, status: int, first_line: str | None
+) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    shm_before = _emberfl_shm()
+    command = [sys.executable, "-m", "emberfl", "run", "--output-dir", str(run_dir)]
+    with subprocess.Popen(
+        [*command, *CLI_RUN, "--mode", "process", "--parallelism", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while _checkpoint_round(run_dir) < 1:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "no checkpoint after 120 s"
+                time.sleep(0.02)
+            workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                       .read_text().split()]  # fmt: skip
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == status, err
+    assert "Traceback" not in err and "Error" not in err.replace("emberfl: ", ""), err
+    if first_line is None:
+        assert err == "", err
+    else:
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(first_line), err
+        assert f"(resume with: emberfl run --resume {run_dir})" in lines[0], err
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers), "workers outlived the run"
+    assert _emberfl_shm() == shm_before
+    stopped_at = _checkpoint_round(run_dir)
+    assert 1 <= stopped_at < 40, stopped_at
+    resumed = subprocess.run(
+        [*command[:4], "--resume", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "final_model.safetensors").read_bytes() == clean_run

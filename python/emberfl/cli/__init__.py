@@ -25,8 +25,10 @@ import datetime
 import errno
 import os
 import shlex
+import signal
 import sys
 import textwrap
+import threading
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -549,6 +551,37 @@ def _report(context: _Context, exc: BaseException, message: str, *, status: int)
     return status
 
 
+_TERMINATED = "terminated by SIGTERM"
+
+
+class _TermSignal:
+    """While active, ``SIGTERM`` stops the command as Ctrl-C does (the workers are
+    stopped, the shared memory released, the last checkpoint kept) instead of killing the
+    process on the spot; a second ``SIGTERM`` kills it. Inactive outside the main thread
+    or when the program has its own handler."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one kills
+        raise KeyboardInterrupt(_TERMINATED)
+
+    def __enter__(self) -> _TermSignal:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``emberfl`` command line.
 
@@ -579,7 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           a failing or timed-out client, a checkpoint that could not be saved (the
           previous one is kept);
         * 130: interrupted (Ctrl-C): ``emberfl: interrupted[: MESSAGE]`` on stderr, with
-          the round the checkpoint holds and how to resume when the run has one.
+          the round the checkpoint holds and how to resume when the run has one;
+        * 143: terminated by ``SIGTERM``, which stops the run as Ctrl-C does
+          (``emberfl: terminated (SIGTERM)``, with the same checkpoint note).
     """
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -589,19 +624,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_status(exc.code)
     context = _Context(argv=arguments)
     args.context = context
+    terminated = _TermSignal()
     try:
-        status: int = args.handler(args)
+        with terminated:
+            status: int = args.handler(args)
     except KeyboardInterrupt as exc:
-        parts = ["emberfl: interrupted"]
+        parts = ["emberfl: terminated (SIGTERM)" if terminated.received else "emberfl: interrupted"]
         message = _first_line(str(exc))
-        if message:
+        if message and message != _TERMINATED:
             parts[0] += f": {message}"
         if context.resumable and context.run_dir is not None:
             note = _checkpoint_note(context.run_dir, save_failed=False)
             if note.startswith("the checkpoint"):
                 parts.append(note)
         print("; ".join(parts), file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if terminated.received else 130
     except _USAGE_ERRORS as exc:
         return _report(context, exc, str(exc), status=2)
     except ClientError as exc:

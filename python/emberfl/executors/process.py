@@ -24,13 +24,13 @@ import contextlib
 import multiprocessing
 import pickle
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from emberfl.algorithms.base import Algorithm, Client, ClientResult, ModelLayout, Split
-from emberfl.core._process_pool import ProcessPool, StartMethod
+from emberfl.core._process_pool import ProcessPool, StartMethod, resolve_start_method
 from emberfl.core.shared_memory import SHMHandle
 from emberfl.errors import TensorMismatchError
 from emberfl.executors.base import (
@@ -216,7 +216,8 @@ class ProcessExecutor(Executor):
         self.num_parallels = num_parallels
         self.start_method: StartMethod = start_method
         self.drain_timeout_s = drain_timeout_s
-        self.stop_event = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
+        self._event_context = ""
+        self._stop_event_for(self._start_method())
         self._template = ModelTemplate(setup.template())
         self._pool: ProcessPool | None = None
         self._shared: _Shared | None = None
@@ -235,17 +236,33 @@ class ProcessExecutor(Executor):
         """The worker processes' ids (empty before they start)."""
         return [] if self._pool is None or self._pool.closed else self._pool.pids()
 
+    def _start_method(self) -> str:
+        device = str(self.setup.device)
+        return resolve_start_method(self.start_method, self.intra_op_threads, device)
+
+    def _stop_event_for(self, method: str) -> None:
+        """Make ``stop_event`` an event of ``method``'s kind. A forked worker inherits an
+        unnamed semaphore; a spawned one needs a named one, which multiprocessing's
+        resource tracker unlinks (and warns about) if this process is killed."""
+        context = "fork" if method == "fork" else "spawn"
+        if context != self._event_context:
+            event = multiprocessing.get_context(context).Event()
+            self.stop_event = event  # type: ignore[assignment]
+            self._event_context = context
+
     def _live_pool(self) -> ProcessPool:
         if self._pool is not None and self._pool.alive():
             return self._pool
         if self._pool is not None:
             self._pool.close()
+        method = self._start_method()  # CUDA may have been initialised since
+        self._stop_event_for(method)
         self._pool = ProcessPool(
             self.num_parallels,
             self.stop_event,
             intra_op_threads=self.intra_op_threads,
             drain_timeout_s=self.drain_timeout_s,
-            start_method=self.start_method,
+            start_method=cast(StartMethod, method),
             device=str(self.setup.device),
         )
         return self._pool
