@@ -25,7 +25,12 @@ from emberfl.algorithms.base import (
     Tree,
 )
 from emberfl.algorithms.fedavg import FedAvg
+from emberfl.algorithms.feddyn import FedDyn
+from emberfl.algorithms.fednova import FedNova
+from emberfl.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from emberfl.algorithms.fedprox import FedProx
 from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
+from emberfl.algorithms.scaffold import Scaffold
 
 __all__ = [
     "ALGORITHMS",
@@ -34,10 +39,18 @@ __all__ = [
     "Client",
     "ClientResult",
     "ClientUpdate",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedDyn",
+    "FedNova",
+    "FedProx",
+    "FedYogi",
     "LocalResult",
     "LocalSGD",
     "ModelLayout",
+    "Scaffold",
     "ServerState",
     "Split",
     "StreamSpec",
@@ -45,6 +58,19 @@ __all__ = [
     "Tree",
 ]
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg,)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedAvgM,
+        FedAdagrad,
+        FedAdam,
+        FedYogi,
+        FedProx,
+        Scaffold,
+        FedDyn,
+        FedNova,
+    )
+}
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``
 is its line in ``--help``)."""
