@@ -7,7 +7,14 @@ import importlib
 
 import pytest
 
-MODULES = ["emberfl.rng", "emberfl.arena", "emberfl.aggregation"]
+MODULES = [
+    "emberfl.rng",
+    "emberfl.arena",
+    "emberfl.aggregation",
+    "emberfl.algorithms.fedavg",
+    "emberfl.algorithms.fedopt",
+    "emberfl.algorithms.fedprox",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
