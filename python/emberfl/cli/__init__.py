@@ -91,6 +91,17 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _betas(text: str) -> list[float]:
+    """Parse ``0.9,0.99`` (or ``0.9``) into a list of decays."""
+    try:
+        betas = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one or two comma-separated numbers (e.g. 0.9,0.99)"
+        ) from None
+    return betas
+
+
 def _widths(text: str) -> list[int]:
     """Parse ``1700`` or ``200,200`` into a list of positive widths."""
     try:
@@ -231,6 +242,64 @@ def _run_options() -> list[_RunOption]:
         ("--epochs", "epochs", int, None, "N", "local epochs per round"),
         ("--batch-size", "batch_size", int, None, "N", "local batch size"),
         ("--lr", "lr", float, None, "LR", "local SGD learning rate"),
+        ("--momentum", "momentum", float, None, "M", "local SGD momentum (default: 0)"),
+        (
+            "--weight-decay",
+            "weight_decay",
+            float,
+            None,
+            "WD",
+            "local SGD weight decay (default: 0)",
+        ),
+        (
+            "--server-lr",
+            "server_lr",
+            float,
+            None,
+            "LR",
+            "server learning rate eta_g (default: 1; 0.1 for fedadagrad, fedadam, fedyogi; "
+            "not feddyn)",
+        ),
+        (
+            "--server-momentum",
+            "server_momentum",
+            float,
+            None,
+            "BETA",
+            "fedavgm's server momentum (default: 0.9)",
+        ),
+        (
+            "--server-betas",
+            "server_betas",
+            _betas,
+            None,
+            "B1,B2",
+            "fedadam's and fedyogi's moment decays (default: 0.9,0.99); fedadagrad: B1 only",
+        ),
+        (
+            "--server-tau",
+            "server_tau",
+            float,
+            None,
+            "TAU",
+            "fedadagrad's, fedadam's and fedyogi's adaptivity (default: 1e-3)",
+        ),
+        (
+            "--prox-mu",
+            "prox_mu",
+            float,
+            None,
+            "MU",
+            "fedprox's proximal coefficient (default: 0.01)",
+        ),
+        (
+            "--feddyn-alpha",
+            "feddyn_alpha",
+            float,
+            None,
+            "ALPHA",
+            "feddyn's regularisation coefficient (default: 0.01)",
+        ),
         (
             "--mode",
             "mode",

@@ -25,11 +25,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emberfl.data import DATASET_NAMES, PARTITION_METHODS
 from emberfl.errors import ConfigError
 from emberfl.models import MODEL_NAMES
+
+if TYPE_CHECKING:
+    from emberfl.algorithms import Algorithm
 
 __all__ = [
     "ALGORITHMS",
@@ -37,7 +40,9 @@ __all__ = [
     "MODES",
     "PARTITION_OPTIONS",
     "RESUME_OVERRIDABLE",
+    "ALGORITHM_OPTIONS",
     "RunConfig",
+    "build_algorithm",
     "check_keys",
     "config_to_toml",
     "load_config_file",
@@ -74,6 +79,30 @@ PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
 }
 """Each partition method's options and their defaults (``None``: chosen from the data,
 see :func:`partition_options`)."""
+
+ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
+    "fedavg": {"server_lr": "server_lr"},
+    "fedavgm": {"server_lr": "server_lr", "server_momentum": "server_momentum"},
+    "fedadagrad": {"server_lr": "server_lr", "server_betas": "betas", "server_tau": "tau"},
+    "fedadam": {"server_lr": "server_lr", "server_betas": "betas", "server_tau": "tau"},
+    "fedyogi": {"server_lr": "server_lr", "server_betas": "betas", "server_tau": "tau"},
+    "fedprox": {"server_lr": "server_lr", "prox_mu": "mu"},
+    "scaffold": {"server_lr": "server_lr"},
+    "feddyn": {"feddyn_alpha": "alpha"},
+    "fednova": {"server_lr": "server_lr"},
+}
+"""Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
+``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
+algorithm owns is an error, not silently ignored."""
+
+_ALL_ALGORITHM_KEYS = (
+    "server_lr",
+    "server_momentum",
+    "server_betas",
+    "server_tau",
+    "prox_mu",
+    "feddyn_alpha",
+)
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
     {
@@ -132,6 +161,15 @@ class RunConfig:
         epochs: Local epochs per round.
         batch_size: Local batch size.
         lr: Local SGD learning rate.
+        momentum: Local SGD momentum (every algorithm).
+        weight_decay: Local SGD weight decay (every algorithm).
+        server_lr: The server learning rate ``eta_g`` (``None``: the algorithm's default;
+            every algorithm but ``feddyn``).
+        server_momentum: FedAvgM's server momentum ``beta``.
+        server_betas: FedOpt's moment decays ``[beta1, beta2]`` (``fedadagrad``: ``[beta1]``).
+        server_tau: FedOpt's adaptivity ``tau``.
+        prox_mu: FedProx's proximal coefficient ``mu``.
+        feddyn_alpha: FedDyn's regularisation coefficient ``alpha``.
         mode: One of :data:`MODES`; results are bitwise identical in every mode.
         parallelism: Threads or worker processes (0: one per CPU core, at most one per
             client of a round); ignored in serial mode.
@@ -166,6 +204,14 @@ class RunConfig:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 0.2
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_betas: list[float] | None = None
+    server_tau: float | None = None
+    prox_mu: float | None = None
+    feddyn_alpha: float | None = None
     mode: str = "serial"
     parallelism: int = 0
     chunk_size: int | None = None
@@ -213,6 +259,25 @@ class RunConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         resolve_device(self.device)
+        owned = ALGORITHM_OPTIONS.get(self.algorithm, {})
+        for key in _ALL_ALGORITHM_KEYS:
+            if getattr(self, key) is not None and key not in owned:
+                users = [name for name, keys in ALGORITHM_OPTIONS.items() if key in keys]
+                raise ConfigError(
+                    f"algorithm {self.algorithm!r} does not use {key} (set to "
+                    f"{getattr(self, key)}); it is an option of {', '.join(users)}. "
+                    f"{self.algorithm}'s own options: {', '.join(owned) or 'none'}"
+                )
+        if self.server_betas is not None and (
+            not self.server_betas
+            or len(self.server_betas) > 2
+            or any(isinstance(b, bool) or not isinstance(b, int | float) for b in self.server_betas)
+        ):
+            raise ConfigError(
+                f"server_betas must be one or two numbers (beta1[, beta2]), got "
+                f"{self.server_betas!r}"
+            )
+        build_algorithm(self)  # the algorithm checks its own values
         allowed = PARTITION_OPTIONS[self.partition]
         for key in _ALL_PARTITION_KEYS:
             if getattr(self, key) is not None and key not in allowed:
@@ -288,6 +353,14 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "epochs": (int,),
     "batch_size": (int,),
     "lr": (float, int),
+    "momentum": (float, int),
+    "weight_decay": (float, int),
+    "server_lr": (float, int),
+    "server_momentum": (float, int),
+    "server_betas": (list,),
+    "server_tau": (float, int),
+    "prox_mu": (float, int),
+    "feddyn_alpha": (float, int),
     "mode": (str,),
     "parallelism": (int,),
     "chunk_size": (int,),
@@ -298,15 +371,23 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "quiet": (bool,),
 }
 _OPTIONAL = frozenset(
-    {"output_dir", "data_root", "chunk_size", "train_size", "hidden_sizes", *_ALL_PARTITION_KEYS}
+    {
+        "output_dir",
+        "data_root",
+        "chunk_size",
+        "train_size",
+        "hidden_sizes",
+        *_ALL_PARTITION_KEYS,
+        *_ALL_ALGORITHM_KEYS,
+    }
 )
-_LIST_KEYS = frozenset({"hidden_sizes"})
+_LIST_KEYS = frozenset({"hidden_sizes", "server_betas"})
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
     float: "a number",
     bool: "true or false",
-    list: "a list of integers",
+    list: "a list",
 }
 
 
@@ -359,6 +440,60 @@ def resolve_device(device: str) -> str:
             )
         return device
     raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def build_algorithm(config: RunConfig) -> Algorithm:
+    """Return the algorithm ``config`` describes, its options passed on.
+
+    Args:
+        config: The configuration (its algorithm name already checked).
+
+    Returns:
+        The algorithm.
+
+    Raises:
+        ConfigError: A value the algorithm rejects (naming the option), or
+            ``server_betas`` of the wrong length for the algorithm.
+    """
+    from emberfl.algorithms import ALGORITHMS as TABLE
+
+    kwargs: dict[str, Any] = {
+        "lr": config.lr,
+        "epochs": config.epochs,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+    }
+    for key, keyword in ALGORITHM_OPTIONS[config.algorithm].items():
+        value = getattr(config, key)
+        if value is None:
+            continue
+        if key == "server_betas":
+            wanted = 1 if config.algorithm == "fedadagrad" else 2
+            if len(value) != wanted:
+                shape = (
+                    "[beta1] (it keeps no decayed second moment)"
+                    if wanted == 1
+                    else ("[beta1, beta2]")
+                )
+                raise ConfigError(f"server_betas for {config.algorithm} is {shape}, got {value!r}")
+            kwargs["beta1"] = float(value[0])
+            if wanted == 2:
+                kwargs["beta2"] = float(value[1])
+        else:
+            kwargs[keyword] = value
+    try:
+        algorithm: Algorithm = TABLE[config.algorithm](**kwargs)
+    except ConfigError as exc:
+        # Name the option as the user wrote it, not the algorithm's keyword.
+        text = str(exc)
+        for key, keyword in ALGORITHM_OPTIONS[config.algorithm].items():
+            if text.startswith(f"{keyword} "):
+                text = key + text[len(keyword) :]
+        for keyword in ("beta1", "beta2"):
+            if text.startswith(f"{keyword} "):
+                text = f"server_betas' {text}"
+        raise ConfigError(text) from None
+    return algorithm
 
 
 def partition_options(config: RunConfig, num_samples: int) -> dict[str, float | int]:

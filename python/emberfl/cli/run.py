@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from emberfl.algorithms import ALGORITHMS, Split
+from emberfl.algorithms import Split
 from emberfl.atomic import name_os_errors
 from emberfl.cli.checkpoint import (
     CHECKPOINT_DIR,
@@ -61,8 +61,10 @@ from emberfl.cli.checkpoint import (
     save_model_file,
 )
 from emberfl.cli.config import (
+    ALGORITHM_OPTIONS,
     RESUME_OVERRIDABLE,
     RunConfig,
+    build_algorithm,
     config_to_toml,
     load_config_file,
     merge_config,
@@ -467,8 +469,7 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], na
 def _build_simulation(
     config: RunConfig, models: Models, dataset: TensorPartitionedDataset, device: str
 ) -> Simulation:
-    algorithm_cls = ALGORITHMS[config.algorithm]
-    algorithm = algorithm_cls(lr=config.lr, epochs=config.epochs)  # type: ignore[call-arg]
+    algorithm = build_algorithm(config)
     setup = ClientSetup(
         dataset=dataset,
         model=models.select_model(config.model),
@@ -503,8 +504,12 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         workers += f" (chunk {config.chunk_size or 'auto'})"
     limit = config.timeout_seconds()
     timeout = f"client timeout {limit:g} s" if limit is not None else "no client timeout"
+    given = {k: getattr(config, k) for k in ALGORITHM_OPTIONS[config.algorithm]}
+    given |= {"momentum": config.momentum, "weight_decay": config.weight_decay}
+    shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
+    algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
     return (
-        f"{config.algorithm}: {config.model} on {data.name} ({data.num_train} train / "
+        f"{algorithm}: {config.model} on {data.name} ({data.num_train} train / "
         f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "
         f"x {config.clients_per_round()} clients x {config.epochs} epochs, batch "
         f"{config.batch_size}, lr {config.lr}; {config.mode}{workers} on {device}, "
