@@ -11,6 +11,7 @@ both in ``shutdown()`` and at interpreter exit.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import threading
@@ -136,7 +137,8 @@ class ClientThreads:
                 continue
 
     def close(self, drain_s: float) -> tuple[int, ...]:
-        """Cancel queued clients and give running ones ``drain_s`` seconds to finish.
+        """Cancel queued clients and give running ones ``drain_s`` seconds to finish
+        (clients already past :attr:`timeout` are not waited for).
 
         Args:
             drain_s: How long to wait for running clients (which should have been asked
@@ -157,8 +159,13 @@ class ClientThreads:
             for _ in self._threads:
                 self._queue.put(None)
         deadline = time.monotonic() + drain_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            running = self.running()
+            # Done when nothing runs but clients already past the limit: those are hung,
+            # and waiting longer for them would only delay the error.
+            if all(self.timeout is not None and t >= self.timeout for t in running.values()):
+                break
+            time.sleep(0.005)
         return tuple(sorted(self.running()))
 
 
@@ -213,12 +220,19 @@ class Deadline:
         self._watcher.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         """Stop the watcher; a fired interrupt is delivered before this returns."""
         self._done.set()
-        if self._watcher is not None:
-            self._watcher.join()
-            if self.fired:
-                # The signal is on its way to this thread: take it here, inside the
-                # caller's ``try``, not at some later line.
-                time.sleep(1.0)
+        if self._watcher is None:
+            return
+        self._watcher.join()
+        if not self.fired or exc_type is KeyboardInterrupt:
+            return  # no interrupt, or it has arrived
+        # The signal is on its way to this thread: take it here, inside the caller's
+        # ``try``, not at some later line (the sleep ends as soon as it lands).
+        if exc_type is None:
+            time.sleep(1.0)
+            return
+        # Another exception is on its way out: it wins, and the interrupt is absorbed.
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(1.0)
