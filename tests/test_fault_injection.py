@@ -9,6 +9,7 @@ saw the fault.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -83,6 +84,7 @@ def test_process_trainer_kills_a_hung_worker_and_restarts_the_pool(tmp_path: Pat
     with trainer:
         trainer.local_process(_payload(), [0, 1, 2])  # warm: the workers have imported torch
         reference = _values(trainer.uplink_package())
+        gc.collect()  # earlier tests' objects: not this test's to count
         before = _resources()
         pids = trainer.worker_pids()
         trainer.behaviours = {1: "hang"}
@@ -232,6 +234,7 @@ def test_hung_client_times_out_and_the_retried_round_has_the_same_bits(
     with Simulation(FedAvg(lr=0.1), executor, num_clients=NUM_CLIENTS) as sim:
         sim.run_round(CIDS)  # warm: process workers have started
         before_model = sim.state.model.clone()
+        gc.collect()  # earlier tests' executors (their semaphores): not this test's to count
         before = _resources()
         flag.touch()
         start = time.monotonic()
