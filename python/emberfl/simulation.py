@@ -47,16 +47,32 @@ import time
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from emberfl.aggregation import Aggregator, Mean, UpdateSet, WeightedSum
-from emberfl.algorithms.base import Aggregate, Algorithm, ClientResult, ModelLayout, ServerState
+from emberfl.algorithms.base import (
+    Aggregate,
+    Algorithm,
+    ClientResult,
+    ModelLayout,
+    ServerState,
+    Split,
+)
 from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.core._threads import Deadline
+from emberfl.core.batches import iter_batches
 from emberfl.errors import CheckpointError, ConfigError, EmberflError, ServerTimeoutError
 from emberfl.executors.base import Executor, RoundPlan, check_timeout
 from emberfl.rng import Purpose, stream
+from emberfl.selection import (
+    SELECTIONS,
+    Selection,
+    power_of_choice,
+    select_by_size,
+    select_uniform,
+)
 from emberfl.state_store import ClientStateStore, StateBacking
 
 __all__ = ["Simulation", "sample_clients"]
@@ -66,10 +82,10 @@ def sample_clients(seed: int, round_: int, num_clients: int, count: int) -> list
     """Return ``count`` distinct clients out of ``num_clients`` for round ``round_``, sorted.
 
     A pure function of its arguments (the emberfl stream ``(seed, CLIENT_SAMPLING,
-    round)``), so a resumed run samples the same clients.
+    round)``), so a resumed run samples the same clients
+    (:func:`emberfl.selection.select_uniform`).
     """
-    draw = stream(seed, purpose=Purpose.CLIENT_SAMPLING, round=round_)
-    return sorted(int(c) for c in draw.choice(num_clients, count))
+    return select_uniform(seed, round_, num_clients, count)
 
 
 class Simulation:
@@ -102,6 +118,8 @@ class Simulation:
         spill_dir: str | os.PathLike[str] | None = None,
         aggregation_threads: int | None = None,
         server_timeout: float | None = None,
+        selection: Selection = "uniform",
+        poc_candidates: int | None = None,
     ) -> None:
         """Set up the server state from the executor's model.
 
@@ -121,6 +139,10 @@ class Simulation:
                 Python code (a custom aggregator or ``server_update``) is interrupted
                 with :class:`~emberfl.errors.ServerTimeoutError`. Client time limits are
                 the executor's ``client_timeout``.
+            selection: How :meth:`sample_clients` picks a round's clients
+                (:mod:`emberfl.selection`: ``uniform``, ``size``, ``power-of-choice``).
+            poc_candidates: Power-of-choice's ``d``, the clients asked for their loss
+                (default: twice the clients per round, at most all of them).
 
         Raises:
             ConfigError: A count out of range, or an aggregator for a stream the algorithm
@@ -145,6 +167,29 @@ class Simulation:
         self.spill_dir = spill_dir
         self.aggregation_threads = aggregation_threads
         self.server_timeout = check_timeout("server_timeout", server_timeout)
+        if selection not in SELECTIONS:
+            raise ConfigError(
+                f"unknown client selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
+            )
+        self.selection: Selection = selection
+        if poc_candidates is not None and selection != "power-of-choice":
+            raise ConfigError(
+                f"poc_candidates is power-of-choice's option; selection is {selection!r}"
+            )
+        candidates = poc_candidates
+        if candidates is None:
+            candidates = min(num_clients, 2 * per_round)
+        if (
+            isinstance(candidates, bool)
+            or not isinstance(candidates, int)
+            or not per_round <= candidates <= num_clients
+        ):
+            raise ConfigError(
+                f"poc_candidates must be an integer in {per_round}..{num_clients} (clients per "
+                f"round..clients), got {candidates!r}"
+            )
+        self.poc_candidates = candidates
+        self._sizes: list[int] | None = None
         model = executor.setup.model
         self.layout = ModelLayout.of(model)
         self.streams = algorithm.uplink_streams(self.layout)
@@ -169,10 +214,49 @@ class Simulation:
         return self.state.round
 
     def sample_clients(self) -> list[int]:
-        """Return this round's clients (:func:`sample_clients`)."""
-        return sample_clients(
-            self.executor.setup.seed, self.state.round, self.num_clients, self.clients_per_round
+        """Return this round's clients, by the simulation's :attr:`selection` rule."""
+        seed, round_ = self.executor.setup.seed, self.state.round
+        if self.selection == "uniform":
+            return sample_clients(seed, round_, self.num_clients, self.clients_per_round)
+        sizes = self.client_sizes()
+        if self.selection == "size":
+            return select_by_size(seed, round_, sizes, self.clients_per_round)
+        model = self.global_model()
+        return power_of_choice(
+            seed,
+            round_,
+            sizes,
+            self.clients_per_round,
+            self.poc_candidates,
+            lambda cid: self._train_loss(model, cid),
         )
+
+    def client_sizes(self) -> list[int]:
+        """Return every client's number of training samples (read once, then cached)."""
+        if self._sizes is None:
+            self._sizes = [self.executor.setup.num_samples(c) for c in range(self.num_clients)]
+        return self._sizes
+
+    def _train_loss(self, model: nn.Module, cid: int) -> float:
+        """The global model's mean cross-entropy on client ``cid``'s training data."""
+        setup = self.executor.setup
+        generator = torch.Generator().manual_seed(
+            stream(
+                setup.seed, purpose=Purpose.EVALUATION, client=cid, round=self.state.round
+            ).torch_seed()
+        )
+        loader = setup.dataset.get_dataloader(Split.TRAIN, cid, setup.batch_size, generator)
+        device = torch.device(setup.device)
+        model.to(device).eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        with torch.no_grad():
+            for data, target in iter_batches(loader):
+                out = model(data.to(device))
+                loss = F.cross_entropy(out, target.to(device), reduction="sum")
+                total += loss.to("cpu", torch.float64)
+                count += int(target.shape[0])
+        return float(total) / count if count else 0.0
 
     def run_round(
         self,

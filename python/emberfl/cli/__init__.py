@@ -127,6 +127,7 @@ def _run_options() -> list[_RunOption]:
     from emberfl.cli.config import ALGORITHMS, MODES
     from emberfl.data import DATASET_NAMES, PARTITION_METHODS
     from emberfl.models import MODEL_NAMES
+    from emberfl.selection import SELECTIONS
 
     return [
         (
@@ -291,6 +292,23 @@ def _run_options() -> list[_RunOption]:
             None,
             "MU",
             "fedprox's proximal coefficient (default: 0.01)",
+        ),
+        (
+            "--client-selection",
+            "client_selection",
+            str,
+            SELECTIONS,
+            "RULE",
+            "how a round's clients are chosen (size: in proportion to their data; "
+            "power-of-choice: the highest-loss of --poc-candidates drawn by size)",
+        ),
+        (
+            "--poc-candidates",
+            "poc_candidates",
+            int,
+            None,
+            "D",
+            "power-of-choice's candidates per round (default: 2x the clients per round)",
         ),
         (
             "--feddyn-alpha",

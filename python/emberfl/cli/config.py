@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from emberfl.data import DATASET_NAMES, PARTITION_METHODS
 from emberfl.errors import ConfigError
 from emberfl.models import MODEL_NAMES
+from emberfl.selection import SELECTIONS
 
 if TYPE_CHECKING:
     from emberfl.algorithms import Algorithm
@@ -170,6 +171,10 @@ class RunConfig:
         server_tau: FedOpt's adaptivity ``tau``.
         prox_mu: FedProx's proximal coefficient ``mu``.
         feddyn_alpha: FedDyn's regularisation coefficient ``alpha``.
+        client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
+            ``uniform``, ``size``, ``power-of-choice``).
+        poc_candidates: Power-of-choice's candidates per round (``None``: twice the
+            clients per round, at most all clients).
         mode: One of :data:`MODES`; results are bitwise identical in every mode.
         parallelism: Threads or worker processes (0: one per CPU core, at most one per
             client of a round); ignored in serial mode.
@@ -212,6 +217,8 @@ class RunConfig:
     server_tau: float | None = None
     prox_mu: float | None = None
     feddyn_alpha: float | None = None
+    client_selection: str = "uniform"
+    poc_candidates: int | None = None
     mode: str = "serial"
     parallelism: int = 0
     chunk_size: int | None = None
@@ -278,6 +285,19 @@ class RunConfig:
                 f"{self.server_betas!r}"
             )
         build_algorithm(self)  # the algorithm checks its own values
+        _check_choice("client_selection", self.client_selection, SELECTIONS)
+        if self.poc_candidates is not None:
+            if self.client_selection != "power-of-choice":
+                raise ConfigError(
+                    f"poc_candidates (set to {self.poc_candidates}) is an option of "
+                    f"client_selection 'power-of-choice', not {self.client_selection!r}"
+                )
+            per_round = self.clients_per_round()
+            if not per_round <= self.poc_candidates <= self.num_clients:
+                raise ConfigError(
+                    f"poc_candidates must be in {per_round}..{self.num_clients} (the clients "
+                    f"per round..all clients), got {self.poc_candidates}"
+                )
         allowed = PARTITION_OPTIONS[self.partition]
         for key in _ALL_PARTITION_KEYS:
             if getattr(self, key) is not None and key not in allowed:
@@ -361,6 +381,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "server_tau": (float, int),
     "prox_mu": (float, int),
     "feddyn_alpha": (float, int),
+    "client_selection": (str,),
+    "poc_candidates": (int,),
     "mode": (str,),
     "parallelism": (int,),
     "chunk_size": (int,),
@@ -379,6 +401,7 @@ _OPTIONAL = frozenset(
         "hidden_sizes",
         *_ALL_PARTITION_KEYS,
         *_ALL_ALGORITHM_KEYS,
+        "poc_candidates",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas"})

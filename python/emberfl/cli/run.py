@@ -488,6 +488,8 @@ def _build_simulation(
         executor,
         num_clients=config.num_clients,
         clients_per_round=config.clients_per_round(),
+        selection=config.client_selection,  # type: ignore[arg-type]
+        poc_candidates=config.poc_candidates,
     )
 
 
@@ -508,6 +510,10 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     given |= {"momentum": config.momentum, "weight_decay": config.weight_decay}
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
+    if config.client_selection != "uniform":
+        algorithm += f", {config.client_selection} client selection"
+        if config.poc_candidates is not None:
+            algorithm += f" of {config.poc_candidates} candidates"
     return (
         f"{algorithm}: {config.model} on {data.name} ({data.num_train} train / "
         f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "
