@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from emberfl.algorithms import (
     ALGORITHMS,
+    QFFL,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -378,6 +379,39 @@ def test_fednova_normalizer_closed_form() -> None:
         )
 
 
+def test_qffl_with_q_zero_is_uniform_fedavg() -> None:
+    a = _simulate(QFFL(lr=LR, epochs=2, q=0.0)).model
+    b = _simulate(UniformFedAvg(lr=LR, epochs=2)).model
+    assert _rel(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("q", [0.5, 2.0])
+def test_qffl_reference(q: float) -> None:
+    sim = _simulate(QFFL(lr=LR, epochs=2, q=q))
+    x = _x0()
+    big_l = 1 / LR
+    for _ in range(2):
+        deltas, hs = [], []
+        for k in CIDS:
+            bx, by = OrderedData(NUM_CLIENTS).get_dataset("train", k).tensors
+            loss = float(F.cross_entropy(_forward(x, bx.double()), by))  # F_k at x
+            y, _ = _local(x, k, epochs=2)
+            dw = big_l * (x - y)
+            deltas.append(loss**q * dw)
+            hs.append(q * loss ** (q - 1) * float(dw.square().sum()) + big_l * loss**q)
+        x = x - torch.stack(deltas).sum(0) / sum(hs)
+    assert _rel(sim.model, x) <= 1e-6
+
+
+def test_qffl_refuses_a_server_lr_and_the_vectorized_mode() -> None:
+    with pytest.raises(ConfigError, match="no server_lr"):
+        QFFL(lr=LR, server_lr=0.5)
+    with pytest.raises(ConfigError, match="no server_lr"):
+        FedDyn(lr=LR, server_lr=0.5)
+    with pytest.raises(ConfigError, match="cannot run it"):
+        _simulate(QFFL(lr=LR), mode="vectorized")
+
+
 # ------------------------------------------------------------------------------------------
 # Every mode, every parallelism
 # ------------------------------------------------------------------------------------------
@@ -391,6 +425,7 @@ MAKERS: dict[str, Callable[[], LocalSGD]] = {
     "scaffold": lambda: Scaffold(lr=LR, epochs=2),
     "feddyn": lambda: FedDyn(lr=LR, epochs=2, alpha=0.1),
     "fednova": lambda: FedNova(lr=LR, epochs=2, momentum=0.5),
+    "qffl": lambda: QFFL(lr=LR, epochs=2, q=1.0),
 }
 
 
@@ -415,6 +450,8 @@ def test_same_bits_in_every_mode_and_vectorized_close(name: str) -> None:
         assert tensors.keys() == ref_tensors.keys()
         for key, value in tensors.items():
             assert torch.equal(value, ref_tensors[key]), (mode, p, key)
+    if not make().vectorizable:
+        return
     for p in (1, 2):
         sim = _simulate(make(), mode="vectorized", parallelism=p, data=data)
         assert _rel(sim.model, reference.model) <= 1e-5, p

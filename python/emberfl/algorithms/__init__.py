@@ -30,6 +30,7 @@ from emberfl.algorithms.fednova import FedNova
 from emberfl.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from emberfl.algorithms.fedprox import FedProx
 from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
+from emberfl.algorithms.qffl import QFFL
 from emberfl.algorithms.scaffold import Scaffold
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "LocalResult",
     "LocalSGD",
     "ModelLayout",
+    "QFFL",
     "Scaffold",
     "ServerState",
     "Split",
@@ -70,6 +72,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         Scaffold,
         FedDyn,
         FedNova,
+        QFFL,
     )
 }
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``

@@ -367,6 +367,33 @@ class Client:
         """
         return self._loader_factory(split, self.rng.torch_cpu)
 
+    def evaluation_loader(self, split: Split = Split.TRAIN) -> DataLoader[Any]:
+        """Return a loader over ``split`` for evaluation, shuffled (if at all) by the
+        stream ``(seed, EVALUATION, cid, round)``, so evaluating never moves the training
+        generator (:attr:`rng`)."""
+        seed = stream(self.seed, purpose=Purpose.EVALUATION, client=self.cid, round=self.round)
+        return self._loader_factory(split, torch.Generator().manual_seed(seed.torch_seed()))
+
+    def mean_loss(self, split: Split = Split.TRAIN) -> float:
+        """Return :attr:`model`'s mean cross-entropy on ``split`` (eval mode, no gradients,
+        summed in float64); 0 for a client without data."""
+        from emberfl.core.batches import iter_batches
+
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        with torch.no_grad():
+            for data, target in iter_batches(self.evaluation_loader(split)):
+                out = self.model(data.to(self.device))
+                loss = torch.nn.functional.cross_entropy(
+                    out, target.to(self.device), reduction="sum"
+                )
+                total += loss.to("cpu", torch.float64)
+                count += int(target.shape[0])
+        self.model.train(was_training)
+        return float(total) / count if count else 0.0
+
     def stopped(self) -> bool:
         """Whether the executor asked the client to stop (check it between batches)."""
         return self._stop is not None and bool(self._stop.is_set())

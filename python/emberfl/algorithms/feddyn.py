@@ -24,6 +24,7 @@ from emberfl.algorithms.base import (
     check_positive,
 )
 from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
+from emberfl.errors import ConfigError
 
 __all__ = ["FedDyn"]
 
@@ -49,8 +50,10 @@ class FedDyn(LocalSGD):
                 FedDyn's is fixed by ``alpha``).
 
         Raises:
-            ConfigError: For a value out of range.
+            ConfigError: For a value out of range, or a ``server_lr``.
         """
+        if "server_lr" in kwargs:
+            raise ConfigError("FedDyn's server step is fixed by alpha: it takes no server_lr")
         super().__init__(lr=lr, **kwargs)
         self.alpha = check_positive("alpha", alpha)
 

@@ -259,7 +259,7 @@ def _run_options() -> list[_RunOption]:
             None,
             "LR",
             "server learning rate eta_g (default: 1; 0.1 for fedadagrad, fedadam, fedyogi; "
-            "not feddyn)",
+            "not feddyn, qffl)",
         ),
         (
             "--server-momentum",
@@ -293,6 +293,7 @@ def _run_options() -> list[_RunOption]:
             "MU",
             "fedprox's proximal coefficient (default: 0.01)",
         ),
+        ("--qffl-q", "qffl_q", float, None, "Q", "q-ffl's fairness exponent (default 1)"),
         (
             "--client-selection",
             "client_selection",

@@ -91,6 +91,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "scaffold": {"server_lr": "server_lr"},
     "feddyn": {"feddyn_alpha": "alpha"},
     "fednova": {"server_lr": "server_lr"},
+    "qffl": {"qffl_q": "q"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
@@ -103,6 +104,7 @@ _ALL_ALGORITHM_KEYS = (
     "server_tau",
     "prox_mu",
     "feddyn_alpha",
+    "qffl_q",
 )
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
@@ -171,6 +173,7 @@ class RunConfig:
         server_tau: FedOpt's adaptivity ``tau``.
         prox_mu: FedProx's proximal coefficient ``mu``.
         feddyn_alpha: FedDyn's regularisation coefficient ``alpha``.
+        qffl_q: q-FFL's fairness exponent ``q``.
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -217,6 +220,7 @@ class RunConfig:
     server_tau: float | None = None
     prox_mu: float | None = None
     feddyn_alpha: float | None = None
+    qffl_q: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -284,7 +288,12 @@ class RunConfig:
                 f"server_betas must be one or two numbers (beta1[, beta2]), got "
                 f"{self.server_betas!r}"
             )
-        build_algorithm(self)  # the algorithm checks its own values
+        algorithm = build_algorithm(self)  # the algorithm checks its own values
+        if self.mode == "vectorized" and not algorithm.vectorizable:
+            raise ConfigError(
+                f"algorithm {self.algorithm!r} cannot run in vectorized mode (see its "
+                "documentation); use mode serial, thread or process"
+            )
         _check_choice("client_selection", self.client_selection, SELECTIONS)
         if self.poc_candidates is not None:
             if self.client_selection != "power-of-choice":
@@ -381,6 +390,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "server_tau": (float, int),
     "prox_mu": (float, int),
     "feddyn_alpha": (float, int),
+    "qffl_q": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
