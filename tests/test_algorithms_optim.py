@@ -413,6 +413,69 @@ def test_qffl_refuses_a_server_lr_and_the_vectorized_mode() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# The local optimiser: Adam
+# ------------------------------------------------------------------------------------------
+
+
+def _torch_adam_client(
+    x: torch.Tensor, cid: int, *, epochs: int, weight_decay: float
+) -> torch.Tensor:
+    """One client trained by ``torch.optim.Adam`` on the plain model, in the loader's order."""
+    model = linear_model()
+    with torch.no_grad():
+        start = 0
+        for p in model.parameters():
+            p.copy_(x[start : start + p.numel()].view_as(p))
+            start += p.numel()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=weight_decay)
+    for _ in range(epochs):
+        for bx, by in _batches(cid):
+            opt.zero_grad()
+            F.cross_entropy(model(bx.float()), by).backward()
+            opt.step()
+    return serialize_model(model).to(torch.float64)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_is_torch_adam(weight_decay: float) -> None:
+    got = _simulate(
+        FedAvg(lr=0.01, epochs=3, optimizer="adam", weight_decay=weight_decay), rounds=1
+    ).model
+    x = _x0().float()
+    w = _weights()
+    expected = sum(
+        (w[c] * _torch_adam_client(x, c, epochs=3, weight_decay=weight_decay) for c in CIDS),
+        torch.zeros(x.shape, dtype=torch.float64),
+    )
+    assert _rel(got, expected) <= 1e-6
+
+
+def test_adam_in_every_mode() -> None:
+    data = LazyData(NUM_CLIENTS)  # 1 to 3 steps per epoch: the vectorized masks are used
+
+    def make() -> FedProx:
+        return FedProx(lr=0.01, epochs=2, mu=0.1, optimizer="adam")
+
+    reference = _simulate(make(), data=data, batch_size=3)
+    for mode, p in [("thread", 2), ("process", 2)]:
+        got = _simulate(make(), mode=mode, parallelism=p, data=data, batch_size=3)
+        assert torch.equal(_bits(got.model), _bits(reference.model)), mode
+    for p in (1, 2):
+        got = _simulate(make(), mode="vectorized", parallelism=p, data=data, batch_size=3)
+        assert _rel(got.model, reference.model) <= 1e-5, p
+
+
+def test_adam_where_the_equations_assume_sgd_is_refused() -> None:
+    for cls in (FedNova, Scaffold, QFFL):
+        with pytest.raises(ConfigError, match="its equations assume SGD steps"):
+            cls(lr=LR, optimizer="adam")
+    with pytest.raises(ConfigError, match="momentum is SGD's"):
+        FedAvg(lr=LR, optimizer="adam", momentum=0.9)
+    with pytest.raises(ConfigError, match="takes optimizer 'sgd' or 'adam', got 'rmsprop'"):
+        FedAvg(lr=LR, optimizer="rmsprop")
+
+
+# ------------------------------------------------------------------------------------------
 # Every mode, every parallelism
 # ------------------------------------------------------------------------------------------
 

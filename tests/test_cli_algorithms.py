@@ -103,6 +103,9 @@ def test_options_reach_the_algorithm() -> None:
         (["--algorithm", "fedavgm", "--server-momentum", "1"], "server_momentum must be < 1"),
         (["--algorithm", "fedadam", "--server-betas", "0.9,1.5"], "server_betas' beta2 must"),
         (["--momentum", "-0.5"], "momentum must be >= 0"),
+        (["--algorithm", "scaffold", "--optimizer", "adam"], "its equations assume SGD steps"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "momentum is SGD's"),
+        (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["--server-betas", "a,b"], "is not one or two comma-separated numbers"),
     ],
 )
@@ -149,3 +152,12 @@ def test_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> 
     assert [p.name for p in whole_state] == [p.name for p in part_state]
     assert whole_state, "a stateful algorithm checkpoints its state"
     assert whole_state[-1].read_bytes() == part_state[-1].read_bytes()
+
+
+def test_adam_runs_from_the_cli(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["--optimizer", "adam", "--lr", "0.01", "--rounds", "2", "--output-dir", str(run_dir)]
+    assert run(*argv, *TINY) == 0
+    assert tomllib.loads((run_dir / "config.toml").read_text())["optimizer"] == "adam"
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["test_accuracy"] > 0.3  # it learns (10 classes)

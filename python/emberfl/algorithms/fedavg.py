@@ -10,7 +10,7 @@ runs in every executor, the vectorized one included.
 
 Example:
     >>> FedAvg(lr=0.1, epochs=2).describe()
-    'fedavg(lr=0.1, epochs=2, momentum=0.0, weight_decay=0.0, server_lr=1.0)'
+    'fedavg(lr=0.1, epochs=2, momentum=0.0, weight_decay=0.0, server_lr=1.0, local_optimizer=sgd)'
 """
 
 from __future__ import annotations

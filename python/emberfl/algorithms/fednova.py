@@ -41,6 +41,8 @@ class FedNova(LocalSGD):
 
     name: ClassVar[str] = "fednova"
     summary: ClassVar[str] = "normalised averaging for heterogeneous local work (Wang 2020)"
+    # FedNova's normaliser a_k is defined for SGD (with or without momentum).
+    optimizers: ClassVar[tuple[str, ...]] = ("sgd",)
 
     def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
         """``delta`` (the normalised ``d_k``) and ``a`` (``a_k``), weighted by samples."""

@@ -40,7 +40,7 @@ from emberfl.algorithms.base import (
     check_positive,
     iter_epochs,
 )
-from emberfl.core.vectorized import StackedSGD
+from emberfl.core.vectorized import StackedAdam, StackedSGD
 from emberfl.errors import ConfigError
 from emberfl.nn import prepare_dropout
 
@@ -124,6 +124,8 @@ class LocalSGD(Algorithm):
     name: ClassVar[str] = "local-sgd"
     summary: ClassVar[str] = "local SGD, server step on the weighted mean update"
     vectorizable: ClassVar[bool] = True
+    optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
+    """The local optimisers the algorithm allows (its equations may assume SGD steps)."""
 
     def __init__(
         self,
@@ -133,18 +135,26 @@ class LocalSGD(Algorithm):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         server_lr: float = 1.0,
+        optimizer: str = "sgd",
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
     ) -> None:
         """Set the hyper-parameters.
 
         Args:
             lr: Local learning rate (> 0).
             epochs: Local epochs per round (>= 1).
-            momentum: Local momentum (>= 0).
+            momentum: Local momentum (>= 0; SGD only).
             weight_decay: Local weight decay (>= 0).
             server_lr: Server learning rate (> 0).
+            optimizer: ``"sgd"`` (``torch.optim.SGD``) or ``"adam"`` (``torch.optim.Adam``,
+                a fresh state per client and round), among :attr:`optimizers`.
+            adam_betas: Adam's moment decays.
+            adam_eps: Adam's epsilon.
 
         Raises:
-            ConfigError: For a value out of range.
+            ConfigError: For a value out of range, an optimiser the algorithm does not
+                allow, or momentum with Adam.
         """
         self.lr = check_positive("lr", lr)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -153,6 +163,20 @@ class LocalSGD(Algorithm):
         self.momentum = check_positive("momentum", momentum, allow_zero=True)
         self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
         self.server_lr = check_positive("server_lr", server_lr)
+        if optimizer not in self.optimizers:
+            allowed = " or ".join(repr(o) for o in self.optimizers)
+            raise ConfigError(
+                f"{type(self).__name__} takes optimizer {allowed}, got {optimizer!r}"
+                + (" (its equations assume SGD steps)" if optimizer == "adam" else "")
+            )
+        self.local_optimizer = optimizer
+        if optimizer == "adam":
+            if momentum:
+                raise ConfigError("momentum is SGD's; Adam has its own (adam_betas)")
+            if len(adam_betas) != 2 or not all(0 <= float(b) < 1 for b in adam_betas):
+                raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {adam_betas}")
+            self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
+            self.adam_eps = check_positive("adam_eps", adam_eps)
 
     # -- hooks ------------------------------------------------------------------------------
     def loss_term(self, params: Tree, terms: Terms) -> torch.Tensor | None:
@@ -196,8 +220,12 @@ class LocalSGD(Algorithm):
         state.model.add_(aggregate.mean("delta"), alpha=self.server_lr)
 
     # -- running ----------------------------------------------------------------------------
-    def optimizer(self) -> StackedSGD:
+    def optimizer(self) -> StackedSGD | StackedAdam:
         """Return a fresh local optimiser (one per client and round)."""
+        if self.local_optimizer == "adam":
+            return StackedAdam(
+                lr=self.lr, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay
+            )
         return StackedSGD(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def client_update(self, client: Client) -> ClientResult:

@@ -42,6 +42,8 @@ class QFFL(LocalSGD):
 
     name: ClassVar[str] = "qffl"
     summary: ClassVar[str] = "q-FedAvg: fairer accuracy by weighting high-loss clients (Li 2020)"
+    # q-FFL's L = 1 / eta treats the local steps as SGD's.
+    optimizers: ClassVar[tuple[str, ...]] = ("sgd",)
     vectorizable: ClassVar[bool] = False
 
     def __init__(self, *, lr: float, q: float = 1.0, **kwargs: Any) -> None:

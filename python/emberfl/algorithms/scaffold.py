@@ -29,6 +29,8 @@ class Scaffold(LocalSGD):
 
     name: ClassVar[str] = "scaffold"
     summary: ClassVar[str] = "SCAFFOLD, option II: control variates correct client drift (2020)"
+    # option II's control variate (x - y_k) / (tau_k eta) assumes SGD steps.
+    optimizers: ClassVar[tuple[str, ...]] = ("sgd",)
 
     def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
         """``delta`` and ``dc``, both plain means over the sampled clients."""

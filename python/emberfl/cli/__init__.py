@@ -243,6 +243,14 @@ def _run_options() -> list[_RunOption]:
         ("--epochs", "epochs", int, None, "N", "local epochs per round"),
         ("--batch-size", "batch_size", int, None, "N", "local batch size"),
         ("--lr", "lr", float, None, "LR", "local SGD learning rate"),
+        (
+            "--optimizer",
+            "optimizer",
+            str,
+            ("sgd", "adam"),
+            "NAME",
+            "the local optimiser (fednova, scaffold and qffl assume SGD steps)",
+        ),
         ("--momentum", "momentum", float, None, "M", "local SGD momentum (default: 0)"),
         (
             "--weight-decay",

@@ -164,6 +164,8 @@ class RunConfig:
         epochs: Local epochs per round.
         batch_size: Local batch size.
         lr: Local SGD learning rate.
+        optimizer: The local optimiser, ``sgd`` or ``adam`` (every algorithm whose equations
+            do not assume SGD steps; ``fednova``, ``scaffold`` and ``qffl`` take ``sgd``).
         momentum: Local SGD momentum (every algorithm).
         weight_decay: Local SGD weight decay (every algorithm).
         server_lr: The server learning rate ``eta_g`` (``None``: the algorithm's default;
@@ -212,6 +214,7 @@ class RunConfig:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 0.2
+    optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
     server_lr: float | None = None
@@ -382,6 +385,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "epochs": (int,),
     "batch_size": (int,),
     "lr": (float, int),
+    "optimizer": (str,),
     "momentum": (float, int),
     "weight_decay": (float, int),
     "server_lr": (float, int),
@@ -495,6 +499,7 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         "epochs": config.epochs,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
+        "optimizer": config.optimizer,
     }
     for key, keyword in ALGORITHM_OPTIONS[config.algorithm].items():
         value = getattr(config, key)

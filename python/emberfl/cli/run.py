@@ -508,6 +508,8 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     timeout = f"client timeout {limit:g} s" if limit is not None else "no client timeout"
     given = {k: getattr(config, k) for k in ALGORITHM_OPTIONS[config.algorithm]}
     given |= {"momentum": config.momentum, "weight_decay": config.weight_decay}
+    if config.optimizer != "sgd":
+        given["optimizer"] = config.optimizer
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
     if config.client_selection != "uniform":

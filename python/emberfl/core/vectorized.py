@@ -49,6 +49,7 @@ the same) so that ReLU runs on the pooled tensor.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,6 +64,7 @@ from emberfl.nn import pool_before_relu, use_fast_layers
 
 __all__ = [
     "ConvMode",
+    "StackedAdam",
     "StackedSGD",
     "VectorizedModel",
     "check_homogeneous",
@@ -876,6 +878,129 @@ class StackedSGD:
                     p.addcmul_(d, on * -self.lr)
                 else:
                     torch.addcmul(cur, d, on * -self.lr, out=p)
+
+
+class StackedAdam:
+    """``torch.optim.Adam`` on stacked parameters, with per-client state and masking.
+
+    Unstacked (one client, no mask) the arithmetic is ``torch.optim.Adam``'s single-tensor
+    path, operation for operation: ``g = g + wd * p``; ``m.lerp_(g, 1 - beta1)``;
+    ``v = beta2 v + (1 - beta2) g^2``; ``p -= lr / (1 - beta1^t) * m / (sqrt(v) /
+    sqrt(1 - beta2^t) + eps)``. Stacked with a mask, each client keeps its own step count
+    ``t`` and inactive clients keep their parameters and moments.
+
+    Attributes:
+        lr: Learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: The denominator's epsilon.
+        weight_decay: L2 penalty (added to the gradient, as ``torch.optim.Adam`` does).
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """Create the optimiser.
+
+        Args:
+            lr: Learning rate (> 0).
+            betas: Moment decays, each in ``[0, 1)``.
+            eps: Epsilon (> 0).
+            weight_decay: L2 penalty (>= 0).
+
+        Raises:
+            ConfigError: For a value out of range.
+        """
+        if not lr > 0:
+            raise ConfigError(f"lr must be positive, got {lr}")
+        if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
+            raise ConfigError(f"Adam's betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ConfigError(f"Adam's eps must be positive, got {eps}")
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the moments and step counts (a new set of clients starts)."""
+        self._m: dict[str, torch.Tensor] = {}
+        self._v: dict[str, torch.Tensor] = {}
+        self._t = 0
+        self._counts: torch.Tensor | None = None  # per-client steps, once a mask appears
+
+    def step(
+        self,
+        params: dict[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | None],
+        active: torch.Tensor | None,
+        *,
+        source: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Update ``params`` in place (or write ``source`` updated into ``params``).
+
+        Args:
+            params: ``name -> (C, *shape)`` stacked parameters, or one client's.
+            grads: Their gradients; parameters with ``None`` are skipped.
+            active: ``(C,)`` bool: clients to update, or ``None`` for all.
+            source: The current values, when they are not ``params`` itself.
+        """
+        beta1, beta2 = self.betas
+        with torch.no_grad():
+            if active is None and self._counts is None:
+                self._t += 1
+                counts = None
+            else:
+                if self._counts is None:
+                    size = next(iter(params.values())).shape[0]
+                    self._counts = torch.full((size,), float(self._t), dtype=torch.float64)
+                step = torch.ones_like(self._counts) if active is None else active.double()
+                self._counts += step.to(self._counts.device)
+                counts = self._counts
+            for name, p in params.items():
+                cur = p if source is None else source[name]
+                g = grads.get(name)
+                if g is None:
+                    if cur is not p:
+                        p.copy_(cur)
+                    continue
+                if self.weight_decay != 0:
+                    g = g.add(cur, alpha=self.weight_decay)
+                m = self._m.get(name)
+                v = self._v.get(name)
+                if m is None or v is None:
+                    m = self._m[name] = torch.zeros_like(g)
+                    v = self._v[name] = torch.zeros_like(g)
+                if counts is None:
+                    m.lerp_(g, 1 - beta1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    step_size = self.lr / (1 - beta1**self._t)
+                    denom = (v.sqrt() / math.sqrt(1 - beta2**self._t)).add_(self.eps)
+                    if cur is p:
+                        p.addcdiv_(m, denom, value=-step_size)
+                    else:
+                        torch.addcdiv(cur, m, denom, value=-step_size, out=p)
+                    continue
+                shape = (-1, *([1] * (p.dim() - 1)))
+                on = (
+                    torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+                    if active is None
+                    else active.to(p.dtype)
+                ).view(shape)
+                m.add_((g - m) * (on * (1 - beta1)))
+                v.mul_(1 - on * (1 - beta2)).addcmul_(g, g * on, value=1 - beta2)
+                t = counts.clamp(min=1).to(p.device)
+                bc1 = (1 - beta1**t).to(p.dtype).view(shape)
+                bc2 = (1 - beta2**t).to(p.dtype).view(shape)
+                update = m / (v.sqrt() / bc2.sqrt() + self.eps) * (on * self.lr / bc1)
+                torch.sub(cur, update, out=p)
 
 
 # -- batches ------------------------------------------------------------------------------
