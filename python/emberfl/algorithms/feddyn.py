@@ -75,7 +75,7 @@ class FedDyn(LocalSGD):
         """Return ``g - g_k + alpha (w - x)``."""
         gk, x = terms.state["grad"], terms.global_params
         return {
-            n: None if g is None else g - gk[n] + self.alpha * (params[n].detach() - x[n])
+            n: None if g is None else g.add(params[n].detach() - x[n], alpha=self.alpha).sub_(gk[n])
             for n, g in grads.items()
         }
 

@@ -50,6 +50,6 @@ class FedProx(LocalSGD):
             return grads
         x = terms.global_params
         return {
-            n: None if g is None else g + self.mu * (params[n].detach() - x[n])
+            n: None if g is None else g.add(params[n].detach() - x[n], alpha=self.mu)
             for n, g in grads.items()
         }

@@ -53,7 +53,7 @@ class Scaffold(LocalSGD):
     def gradient(self, grads: Grads, params: Tree, terms: Terms) -> Grads:
         """Return ``g - c_k + c``."""
         ck, c = terms.state["c"], terms.server["c"]
-        return {n: None if g is None else g - ck[n] + c[n] for n, g in grads.items()}
+        return {n: None if g is None else g.sub(ck[n]).add_(c[n]) for n, g in grads.items()}
 
     def finish(self, result: LocalResult) -> ClientUpdate:
         """Compute ``c_k+``; send ``delta`` and ``dc``, keep ``c_k+``."""
