@@ -155,3 +155,20 @@ def test_fault_soak_leaves_descriptors_flat_and_the_model_clean() -> None:
         for key in ("fds", "memfds", "shm_entries", "children"):
             assert sample[key] == first[key], (sample, key)
     assert faulted == clean
+
+
+def test_algorithm_bench_runs_and_records(tmp_path: Path) -> None:
+    """One tiny configuration per algorithm kind: the record has the fields the summary reads."""
+    import argparse
+
+    import bench_algorithms
+
+    args = argparse.Namespace(
+        clients=6, sample_ratio=0.5, rounds=2, epochs=1, batch_size=16, lr=0.05
+    )
+    for algorithm in ("fedavg", "scaffold", "qffl"):
+        result = bench_algorithms.run_one(algorithm, 0, args, tmp_path, {})
+        assert result["algorithm"] == algorithm
+        assert 0.0 <= result["final_accuracy"] <= 1.0
+        assert result["best_accuracy"] >= result["final_accuracy"]
+        assert result["mean_round_s"] > 0
