@@ -161,3 +161,48 @@ def test_adam_runs_from_the_cli(tmp_path: Path) -> None:
     assert tomllib.loads((run_dir / "config.toml").read_text())["optimizer"] == "adam"
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["test_accuracy"] > 0.3  # it learns (10 classes)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam"])
+def test_sigkill_then_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> None:
+    """Server and client state survive a SIGKILL of a process-mode run between checkpoints."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from emberfl.cli.checkpoint import load_checkpoint
+
+    options = [
+        "--algorithm", name, "--rounds", "30", "--checkpoint-every", "1", "--sample-ratio",
+        "0.5", *TINY,
+    ]  # fmt: skip
+    whole = tmp_path / "whole"
+    assert run("--output-dir", str(whole), *options, "--mode", "serial") == 0
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "emberfl", "run", "--output-dir", str(run_dir), *options]
+    with subprocess.Popen(
+        [*command, "--mode", "process", "--parallelism", "2"], stderr=subprocess.PIPE
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    checkpoint = load_checkpoint(run_dir)
+                except Exception:  # not written yet
+                    checkpoint = None
+                if checkpoint is not None and checkpoint.round >= 2:
+                    break
+                assert proc.poll() is None, "the run ended before it could be killed"
+                assert time.monotonic() < deadline, "no checkpoint after 120 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    stopped = load_checkpoint(run_dir)
+    assert stopped is not None and 2 <= stopped.round < 30
+    assert run("--resume", str(run_dir), "--quiet") == 0
+    final = (run_dir / "final_model.safetensors").read_bytes()
+    assert final == (whole / "final_model.safetensors").read_bytes()
