@@ -45,6 +45,7 @@ class Purpose(enum.IntEnum):
     EVALUATION = 6
     SUBSAMPLE = 7
     DROPOUT = 8
+    CLIENT_TEST_SPLIT = 9
 
 
 def _check_u64(name: str, value: int) -> int:

@@ -24,6 +24,7 @@ from emberfl.algorithms.base import (
     StreamSpec,
     Tree,
 )
+from emberfl.algorithms.ditto import Ditto
 from emberfl.algorithms.fedavg import FedAvg
 from emberfl.algorithms.feddyn import FedDyn
 from emberfl.algorithms.fednova import FedNova
@@ -40,6 +41,7 @@ __all__ = [
     "Client",
     "ClientResult",
     "ClientUpdate",
+    "Ditto",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -73,6 +75,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedDyn,
         FedNova,
         QFFL,
+        Ditto,
     )
 }
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``

@@ -434,12 +434,28 @@ class Algorithm(ABC):
         vectorizable: Whether the vectorized executor can run it (true for
             :class:`~emberfl.algorithms.local_sgd.LocalSGD` subclasses whose hooks work on
             stacked tensors).
+        personalised: Whether clients keep models of their own (:meth:`personal_model`),
+            evaluated on their own test splits.
     """
 
     name: ClassVar[str] = "algorithm"
     summary: ClassVar[str] = ""
     main_stream: ClassVar[str] = "delta"
     vectorizable: ClassVar[bool] = False
+    personalised: ClassVar[bool] = False
+
+    def personal_model(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Return a client's own model (flat) from its state, or ``None`` (the default:
+        clients use the global model). Personalised algorithms are judged on it, on each
+        client's own test split.
+
+        Args:
+            state: The client's state views (:meth:`client_state`).
+
+        Returns:
+            A flat float32 model, or ``None``.
+        """
+        return None
 
     def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
         """Declare the uplink tensors (default: ``"delta"``, weighted by sample count).

@@ -303,6 +303,24 @@ def _run_options() -> list[_RunOption]:
         ),
         ("--qffl-q", "qffl_q", float, None, "Q", "q-ffl's fairness exponent (default 1)"),
         (
+            "--ditto-lambda",
+            "ditto_lambda",
+            float,
+            None,
+            "LAMBDA",
+            "ditto's pull of personal models towards the global one (default 0.1)",
+        ),
+        (
+            "--client-test-fraction",
+            "client_test_fraction",
+            float,
+            None,
+            "F",
+            "hold out this fraction of each client's data as its own test split and log "
+            "client_test_accuracy (and personal_test_accuracy for ditto); default 0.2 for "
+            "ditto, else 0",
+        ),
+        (
             "--client-selection",
             "client_selection",
             str,

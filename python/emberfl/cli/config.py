@@ -92,6 +92,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "feddyn": {"feddyn_alpha": "alpha"},
     "fednova": {"server_lr": "server_lr"},
     "qffl": {"qffl_q": "q"},
+    "ditto": {"server_lr": "server_lr", "ditto_lambda": "lam"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
@@ -105,6 +106,7 @@ _ALL_ALGORITHM_KEYS = (
     "prox_mu",
     "feddyn_alpha",
     "qffl_q",
+    "ditto_lambda",
 )
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
@@ -176,6 +178,12 @@ class RunConfig:
         prox_mu: FedProx's proximal coefficient ``mu``.
         feddyn_alpha: FedDyn's regularisation coefficient ``alpha``.
         qffl_q: q-FFL's fairness exponent ``q``.
+        ditto_lambda: Ditto's ``lambda``, pulling personal models towards the global one.
+        client_test_fraction: The fraction of each client's data held out as its own test
+            split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms such as
+            ``ditto``, else 0). With it, each round also logs ``client_test_accuracy``
+            (the global model on the clients' own tests) and, for personalised
+            algorithms, ``personal_test_accuracy`` (each client's own model on its test).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -224,6 +232,8 @@ class RunConfig:
     prox_mu: float | None = None
     feddyn_alpha: float | None = None
     qffl_q: float | None = None
+    ditto_lambda: float | None = None
+    client_test_fraction: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -297,6 +307,14 @@ class RunConfig:
                 f"algorithm {self.algorithm!r} cannot run in vectorized mode (see its "
                 "documentation); use mode serial, thread or process"
             )
+        fraction = self.test_fraction()
+        if not (math.isfinite(fraction) and 0 <= fraction < 1):
+            raise ConfigError(f"client_test_fraction must be in [0, 1), got {fraction}")
+        if algorithm.personalised and fraction == 0:
+            raise ConfigError(
+                f"algorithm {self.algorithm!r} is judged on each client's own test split: "
+                "client_test_fraction must be > 0 (its default is 0.2)"
+            )
         _check_choice("client_selection", self.client_selection, SELECTIONS)
         if self.poc_candidates is not None:
             if self.client_selection != "power-of-choice":
@@ -347,6 +365,15 @@ class RunConfig:
                     "use it"
                 )
 
+    def test_fraction(self) -> float:
+        """Return ``client_test_fraction`` with its default filled in."""
+        if self.client_test_fraction is not None:
+            return float(self.client_test_fraction)
+        from emberfl.algorithms import ALGORITHMS as TABLE
+
+        cls = TABLE.get(self.algorithm)
+        return 0.2 if cls is not None and cls.personalised else 0.0
+
     def timeout_seconds(self) -> float | None:
         """Return ``client_timeout`` as the executors take it (``None``: no limit)."""
         return self.client_timeout if self.client_timeout > 0 else None
@@ -395,6 +422,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prox_mu": (float, int),
     "feddyn_alpha": (float, int),
     "qffl_q": (float, int),
+    "ditto_lambda": (float, int),
+    "client_test_fraction": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
@@ -416,6 +445,7 @@ _OPTIONAL = frozenset(
         *_ALL_PARTITION_KEYS,
         *_ALL_ALGORITHM_KEYS,
         "poc_candidates",
+        "client_test_fraction",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas"})

@@ -10,7 +10,12 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
   training data (at most :data:`TRAIN_EVAL_SAMPLES` samples, evenly spaced);
 * ``test_loss``, ``test_accuracy``: the global model after the round, on the test split;
 * ``client_loss``: the clients' own mean training loss during the round (weighted by
-  their sample counts; ``null`` if no client took a step).
+  their sample counts; ``null`` if no client took a step);
+* ``client_test_accuracy``: with ``client_test_fraction > 0``, the global model on every
+  client's own test split (all held-out samples together); absent otherwise;
+* ``personal_test_accuracy``: for personalised algorithms (``ditto``), each client's own
+  model on its own test split (all held-out samples together; a client that has not
+  trained yet is judged with the global model).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "CSV_FILE",
     "JSONL_FILE",
     "METRIC_FIELDS",
+    "OPTIONAL_FIELDS",
     "TRAIN_EVAL_SAMPLES",
     "MetricsLog",
     "format_summary",
@@ -51,8 +57,12 @@ METRIC_FIELDS: tuple[str, ...] = (
     "test_loss",
     "test_accuracy",
     "client_loss",
+    "client_test_accuracy",
+    "personal_test_accuracy",
 )
 """The keys of a metrics row, in CSV column order."""
+OPTIONAL_FIELDS: frozenset[str] = frozenset({"client_test_accuracy", "personal_test_accuracy"})
+"""Keys a row has only when clients hold test splits of their own (empty CSV cells else)."""
 TRAIN_EVAL_SAMPLES = 10_000
 """The most training samples the global model is evaluated on after each round."""
 

@@ -34,6 +34,7 @@ permission, a full disk) fails the run at once with a :class:`ConfigError`.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import datetime
 import json
@@ -73,7 +74,7 @@ from emberfl.cli.config import (
     unreadable_reason,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
-from emberfl.core import intra_op_threads, serialize_model
+from emberfl.core import deserialize_model, intra_op_threads, serialize_model
 from emberfl.data import (
     FLDataset,
     Partition,
@@ -493,6 +494,45 @@ def _build_simulation(
     )
 
 
+def _client_test_metrics(
+    sim: Simulation, model: torch.nn.Module, pdata: TensorPartitionedDataset, device: str
+) -> dict[str, float]:
+    """The global model (and, for personalised algorithms, each client's own model) on
+    the clients' own test splits, all held-out samples together."""
+    index = torch.cat(pdata.client_test_index)
+    held = TensorSplit(pdata.train_x, pdata.train_y, index)
+    loader = DataLoader(held, batch_size=EVAL_BATCH_SIZE, collate_fn=_collated)
+    _, global_acc = evaluate(model, loader, device)
+    out = {"client_test_accuracy": global_acc}
+    algorithm, store = sim.algorithm, sim.client_state
+    if not algorithm.personalised:
+        return out
+    own = copy.deepcopy(model)
+    correct = total = 0
+    for cid, rows in enumerate(pdata.client_test_index):
+        if rows.numel() == 0:
+            continue
+        flat = None
+        if store is not None and store.is_written(cid):
+            flat = algorithm.personal_model(store.views(cid))
+        if flat is None:
+            judged = model
+        else:
+            deserialize_model(own, flat)
+            judged = own
+        split = TensorSplit(pdata.train_x, pdata.train_y, rows)
+        split_loader = DataLoader(split, batch_size=EVAL_BATCH_SIZE, collate_fn=_collated)
+        _, acc = evaluate(judged, split_loader, device)
+        correct += round(acc * len(split))
+        total += len(split)
+    out["personal_test_accuracy"] = correct / total if total else 0.0
+    return out
+
+
+def _collated(batch: Any) -> Any:
+    return batch  # TensorSplit.__getitems__ returns a collated batch
+
+
 def _say(out: TextIO, config: RunConfig, text: str) -> None:
     if not config.quiet:
         print(text, file=out, flush=True)
@@ -641,7 +681,9 @@ def run_experiment(
             else f"no checkpoint in {run_dir}: starting it again from round 0",
         )
 
-    pdata = TensorPartitionedDataset(data, parts)
+    pdata = TensorPartitionedDataset(
+        data, parts, client_test_fraction=config.test_fraction(), seed=config.seed
+    )
     sim = _build_simulation(config, models, pdata, device)
     # The global model for evaluation and for the files; the simulation's flat state is
     # loaded into it after each round.
@@ -711,6 +753,8 @@ def run_experiment(
                     "test_accuracy": test_acc,
                     "client_loss": summary.get("train_loss"),
                 }
+                if pdata.has_client_tests:
+                    row.update(_client_test_metrics(sim, model, pdata, device))
                 metrics.append(row)
                 log.append(row)
                 every = config.checkpoint_every

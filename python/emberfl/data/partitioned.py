@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from emberfl.algorithms.base import Split as FedAvgPartitionType
 from emberfl.data import FLDataset, Partition
 from emberfl.errors import ConfigError
+from emberfl.rng import Purpose, stream
 
 __all__ = ["TensorPartitionedDataset", "TensorSplit"]
 
@@ -70,8 +71,11 @@ class TensorPartitionedDataset:
     """An :class:`~emberfl.data.FLDataset` split among clients by a partition.
 
     ``get_dataset(TRAIN, cid)`` is client ``cid``'s share of the training split,
-    ``get_dataset(TRAIN, None)`` the whole training split and ``get_dataset(TEST, ...)``
-    the global test split (clients have no test split of their own).
+    ``get_dataset(TRAIN, None)`` the whole training split and ``get_dataset(TEST, None)``
+    the global test split. With ``client_test_fraction > 0`` each client also holds out
+    that fraction of its share as its own test split, ``get_dataset(TEST, cid)`` (what
+    personalised algorithms are judged on); otherwise ``get_dataset(TEST, cid)`` is the
+    global test split.
 
     Attributes:
         train_x: Training images.
@@ -79,28 +83,70 @@ class TensorPartitionedDataset:
         test_x: Test images.
         test_y: Test labels.
         client_index: One int64 tensor of training rows per client.
+        client_test_index: One int64 tensor of held-out rows per client (empty tensors
+            when ``client_test_fraction`` is 0).
+        client_test_fraction: The held-out fraction of each client's share.
     """
 
-    def __init__(self, data: FLDataset, partition: Partition) -> None:
+    def __init__(
+        self,
+        data: FLDataset,
+        partition: Partition,
+        *,
+        client_test_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         """Create the data set.
 
         Args:
             data: The data set.
             partition: Which training samples each client holds.
+            client_test_fraction: The fraction of each client's share held out as its
+                test split, in ``[0, 1)``: ``round(fraction * n_k)`` samples, at least one
+                for a client of two or more samples and never all of them, chosen by the
+                stream ``(seed, CLIENT_TEST_SPLIT, k)``.
+            seed: The experiment seed.
 
         Raises:
-            ConfigError: If the partition does not cover the training split.
+            ConfigError: If the partition does not cover the training split, or the
+                fraction is out of range.
         """
         if partition.num_samples != data.num_train:
             raise ConfigError(
                 f"the partition covers {partition.num_samples} samples but {data.name} has "
                 f"{data.num_train} training samples"
             )
+        if isinstance(client_test_fraction, bool) or not 0 <= client_test_fraction < 1:
+            raise ConfigError(
+                f"client_test_fraction must be in [0, 1), got {client_test_fraction!r}"
+            )
         self.train_x = data.train_x
         self.train_y = data.train_y
         self.test_x = data.test_x
         self.test_y = data.test_y
-        self.client_index = [torch.from_numpy(idx.copy()) for idx in partition]
+        self.client_test_fraction = float(client_test_fraction)
+        self.client_index: list[torch.Tensor] = []
+        self.client_test_index: list[torch.Tensor] = []
+        for cid, idx in enumerate(partition):
+            rows = torch.from_numpy(idx.copy())
+            n = int(rows.shape[0])
+            held = 0
+            if client_test_fraction > 0 and n >= 2:
+                held = min(n - 1, max(1, round(client_test_fraction * n)))
+            if held == 0:
+                self.client_index.append(rows)
+                self.client_test_index.append(rows[:0])
+                continue
+            order = torch.from_numpy(
+                stream(seed, purpose=Purpose.CLIENT_TEST_SPLIT, client=cid).permutation(n)
+            )
+            self.client_test_index.append(rows[order[:held]].sort().values)
+            self.client_index.append(rows[order[held:]].sort().values)
+
+    @property
+    def has_client_tests(self) -> bool:
+        """Whether clients hold test splits of their own."""
+        return self.client_test_fraction > 0
 
     @property
     def num_clients(self) -> int:
@@ -120,12 +166,14 @@ class TensorPartitionedDataset:
         Raises:
             ConfigError: For a client id outside ``0..num_clients-1``.
         """
+        if cid is not None and not 0 <= cid < self.num_clients:
+            raise ConfigError(f"client {cid} does not exist: there are {self.num_clients}")
         if type_ == FedAvgPartitionType.TEST:
+            if cid is not None and self.has_client_tests:
+                return TensorSplit(self.train_x, self.train_y, self.client_test_index[cid])
             return TensorSplit(self.test_x, self.test_y, None)
         if cid is None:
             return TensorSplit(self.train_x, self.train_y, None)
-        if not 0 <= cid < self.num_clients:
-            raise ConfigError(f"client {cid} does not exist: there are {self.num_clients}")
         return TensorSplit(self.train_x, self.train_y, self.client_index[cid])
 
     def set_dataset(self, type_: FedAvgPartitionType, cid: int | None, dataset: Any) -> None:

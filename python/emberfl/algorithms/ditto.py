@@ -1,0 +1,114 @@
+"""Ditto (Li et al., 2021, "Ditto: Fair and Robust Federated Learning Through
+Personalization").
+
+Every client keeps a personal model ``v_k`` (client state, the global model the first
+time it trains) besides taking part in FedAvg. In a round, client ``k``:
+
+1. trains the global model ``x`` with local SGD, as FedAvg does, and sends
+   ``delta_k = y_k - x`` (the server is FedAvg's);
+2. trains its personal model on ``f_k(v) + (lambda / 2) ||v - x||^2`` for the same number
+   of local epochs, from ``v_k``, with the global model ``x`` of the round as the anchor,
+   and keeps the result.
+
+The global model is FedAvg's, bit for bit: the personal pass runs after the global one
+and sends nothing. ``lambda`` trades personalisation (small) for the global model's
+robustness (large); the paper tries values from 0.01 to 2. Personal models are evaluated
+on each client's own test split (:meth:`personal_model`).
+
+Not vectorizable: each client trains two models in sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from emberfl.algorithms.base import (
+    Client,
+    ClientResult,
+    ModelLayout,
+    Tree,
+    check_positive,
+    iter_epochs,
+)
+from emberfl.algorithms.local_sgd import LocalSGD, train_locally
+from emberfl.nn import prepare_dropout
+
+__all__ = ["Ditto"]
+
+
+class Ditto(LocalSGD):
+    """FedAvg plus a personal model per client, pulled towards the global one.
+
+    Attributes:
+        lam: ``lambda``, the personal models' proximal coefficient (>= 0).
+    """
+
+    name: ClassVar[str] = "ditto"
+    summary: ClassVar[str] = "personal models pulled towards FedAvg's global model (Li 2021)"
+    vectorizable: ClassVar[bool] = False
+    personalised: ClassVar[bool] = True
+
+    def __init__(self, *, lr: float, lam: float = 0.1, **kwargs: Any) -> None:
+        """Set the hyper-parameters.
+
+        Args:
+            lr: Local learning rate (> 0), for both models.
+            lam: ``lambda`` (>= 0).
+            **kwargs: :class:`~emberfl.algorithms.local_sgd.LocalSGD`'s other options.
+
+        Raises:
+            ConfigError: For a value out of range.
+        """
+        super().__init__(lr=lr, **kwargs)
+        self.lam = check_positive("lam", lam, allow_zero=True)
+
+    def client_state(self, layout: ModelLayout) -> dict[str, int]:
+        """The personal model ``v_k``."""
+        return {"personal": layout.dim}
+
+    def personal_model(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Return the client's personal model (flat) from its state."""
+        return state["personal"]
+
+    def client_update(self, client: Client) -> ClientResult:
+        """Train the global model (sent up), then the personal one (kept)."""
+        result, metrics = train_locally(self, client)
+        x = result.global_model
+        personal = client.state["personal"]
+        start = x if client.state_is_new else personal
+        v = self._train_personal(client, start.to(torch.float32), x)
+        personal.copy_(v)
+        return ClientResult(
+            uplink={"delta": result.model - x},
+            num_samples=client.num_samples,
+            metrics=metrics,
+        )
+
+    def _train_personal(self, client: Client, start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Local SGD on ``f_k(v) + (lambda / 2) ||v - x||^2`` from ``start``."""
+        from emberfl.core import deserialize_model
+
+        model = client.model
+        deserialize_model(model, start)
+        model.train()
+        prepare_dropout(model, client.dropout_generator)
+        device = client.device
+        params: Tree = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        anchor = client.layout.tree(x.to(device), trainable_only=True)
+        optimizer = self.optimizer()
+        criterion = torch.nn.CrossEntropyLoss()
+        for data, target in iter_epochs(client, self.epochs):
+            if client.stopped():
+                break
+            loss = criterion(model(data.to(device)), target.to(device))
+            for p in params.values():
+                p.grad = None
+            loss.backward()
+            grads: dict[str, torch.Tensor | None] = {
+                n: None if p.grad is None else p.grad.add(p.detach() - anchor[n], alpha=self.lam)
+                for n, p in params.items()
+            }
+            optimizer.step(params, grads, None)
+        return client.flat_model()

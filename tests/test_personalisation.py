@@ -1,0 +1,171 @@
+"""Personalisation: clients' own test splits and Ditto.
+
+Ditto's global model is FedAvg's bit for bit; its personal models follow the paper's
+update recomputed here in float64; the personal state has the same bits in serial, thread
+and process mode; the CLI judges personal models on each client's own held-out data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emberfl.algorithms import Ditto, FedAvg
+from emberfl.algorithms.base import Split
+from emberfl.cli import main
+from emberfl.data import FLDataset, Partition
+from emberfl.data.partitioned import TensorPartitionedDataset
+from emberfl.errors import ConfigError
+from test_algorithms_optim import (
+    CIDS,
+    LR,
+    NUM_CLIENTS,
+    OrderedData,
+    _bits,
+    _local,
+    _rel,
+    _simulate,
+    _x0,
+)
+
+
+def _data(n: int = 60) -> FLDataset:
+    g = torch.Generator().manual_seed(0)
+    return FLDataset(
+        name="toy",
+        train_x=torch.randn(n, 2, generator=g),
+        train_y=torch.arange(n) % 3,
+        test_x=torch.randn(10, 2, generator=g),
+        test_y=torch.arange(10) % 3,
+        num_classes=3,
+    )
+
+
+def _partition(sizes: list[int]) -> Partition:
+    bounds = np.cumsum([0, *sizes])
+    arrays = tuple(np.arange(a, b) for a, b in itertools.pairwise(bounds))
+    return Partition(arrays, int(bounds[-1]))
+
+
+def test_client_test_splits_are_a_seeded_disjoint_share() -> None:
+    sizes = [1, 2, 5, 10, 42]
+    data = _data()
+    split = TensorPartitionedDataset(data, _partition(sizes), client_test_fraction=0.2, seed=3)
+    again = TensorPartitionedDataset(data, _partition(sizes), client_test_fraction=0.2, seed=3)
+    other = TensorPartitionedDataset(data, _partition(sizes), client_test_fraction=0.2, seed=4)
+    start = 0
+    for cid, n in enumerate(sizes):
+        train = split.get_dataset(Split.TRAIN, cid).index
+        test = split.get_dataset(Split.TEST, cid).index
+        assert train is not None and test is not None
+        share = set(range(start, start + n))
+        assert set(train.tolist()) | set(test.tolist()) == share
+        assert not set(train.tolist()) & set(test.tolist())
+        expected = 0 if n < 2 else min(n - 1, max(1, round(0.2 * n)))
+        assert len(test) == expected, cid
+        assert torch.equal(test, again.get_dataset(Split.TEST, cid).index)
+        start += n
+    assert any(
+        not torch.equal(split.client_test_index[c], other.client_test_index[c]) for c in (3, 4)
+    )
+    assert split.get_dataset(Split.TEST, None).index is None  # the global test split
+    plain = TensorPartitionedDataset(data, _partition(sizes))
+    assert not plain.has_client_tests
+    assert plain.get_dataset(Split.TEST, 2).index is None  # no own tests: the global one
+    assert len(plain.get_dataset(Split.TRAIN, 4)) == 42
+    with pytest.raises(ConfigError, match=r"client_test_fraction must be in \[0, 1\)"):
+        TensorPartitionedDataset(data, _partition(sizes), client_test_fraction=1.0)
+
+
+def test_ditto_global_model_is_fedavg_bit_for_bit() -> None:
+    a = _simulate(Ditto(lr=LR, epochs=2, lam=0.5)).model
+    b = _simulate(FedAvg(lr=LR, epochs=2)).model
+    assert torch.equal(_bits(a), _bits(b))
+
+
+def test_ditto_personal_models_reference() -> None:
+    lam = 0.5
+    run = _simulate(Ditto(lr=LR, epochs=2, lam=lam), rounds=2)
+    x = _x0()
+    personal: dict[int, torch.Tensor] = {}
+    for _ in range(2):
+        ys = {}
+        for k in CIDS:
+            ys[k], _ = _local(x, k, epochs=2)
+            start = personal.get(k, x)
+            personal[k], _ = _local(start, k, epochs=2, hook=lambda g, w, x0=x: g + lam * (w - x0))
+        weights = {k: len(OrderedData(NUM_CLIENTS).get_dataset("train", k)) for k in CIDS}
+        total = sum(weights.values())
+        x = x + sum((weights[k] / total * (ys[k] - x) for k in CIDS), torch.zeros_like(x))
+    for k in CIDS:
+        assert _rel(run.states[k]["personal"], personal[k]) <= 1e-6, k
+    # lambda pulls the personal models towards the global one.
+    loose = _simulate(Ditto(lr=LR, epochs=2, lam=0.0), rounds=2)
+    for k in CIDS:
+        assert _rel(loose.states[k]["personal"], run.states[k]["personal"]) > 1e-4, k
+
+
+@pytest.mark.timeout(300)
+def test_ditto_has_the_same_bits_in_every_mode() -> None:
+    reference = _simulate(Ditto(lr=LR, epochs=2))
+    for mode, p in [("thread", 2), ("process", 1), ("process", 2)]:
+        got = _simulate(Ditto(lr=LR, epochs=2), mode=mode, parallelism=p)
+        assert torch.equal(_bits(got.model), _bits(reference.model)), mode
+        for k in CIDS:
+            assert torch.equal(got.states[k]["personal"], reference.states[k]["personal"])
+    with pytest.raises(ConfigError, match="cannot run it"):
+        _simulate(Ditto(lr=LR), mode="vectorized")
+
+
+TINY = [
+    "--num-clients", "6", "--epochs", "2", "--batch-size", "16", "--train-size", "600",
+    "--partition", "shards", "--quiet",
+]  # fmt: skip
+
+
+def _rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_ditto_logs_personal_and_global_accuracy_on_clients_own_tests(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "ditto"
+    assert (
+        main(["run", "--algorithm", "ditto", "--rounds", "4", "--output-dir", str(run_dir), *TINY])
+        == 0
+    )
+    rows = _rows(run_dir)
+    assert all(0 <= r["personal_test_accuracy"] <= 1 for r in rows)
+    # Two label shards per client: a personal model knows its client's labels.
+    assert rows[-1]["personal_test_accuracy"] > rows[-1]["client_test_accuracy"]
+    fedavg = tmp_path / "fedavg"
+    argv = ["run", "--client-test-fraction", "0.2", "--rounds", "1", "--output-dir", str(fedavg)]
+    assert main([*argv, *TINY]) == 0
+    row = _rows(fedavg)[0]
+    assert "client_test_accuracy" in row and "personal_test_accuracy" not in row
+    plain = tmp_path / "plain"
+    assert main(["run", "--rounds", "1", "--output-dir", str(plain), *TINY]) == 0
+    assert "client_test_accuracy" not in _rows(plain)[0]
+
+
+def test_cli_ditto_needs_client_tests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--algorithm", "ditto", "--client-test-fraction", "0", *TINY]
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 2
+    assert "client_test_fraction must be > 0" in capsys.readouterr().err
+
+
+def test_cli_ditto_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    options = ["--algorithm", "ditto", "--checkpoint-every", "1", "--ditto-lambda", "0.5", *TINY]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["run", "--rounds", "3", "--output-dir", str(whole), *options]) == 0
+    assert main(["run", "--rounds", "2", "--output-dir", str(part), *options]) == 0
+    assert main(["run", "--resume", str(part), "--rounds", "3", "--quiet"]) == 0
+    model = (whole / "final_model.safetensors").read_bytes()
+    assert (part / "final_model.safetensors").read_bytes() == model
+    assert _rows(part)[-1]["personal_test_accuracy"] == _rows(whole)[-1]["personal_test_accuracy"]
