@@ -8,6 +8,9 @@ accuracy and the mean round time; it prints one JSON record and a SUMMARY line w
 algorithm's final accuracy (mean +- std over the seeds) and its round time relative to
 FedAvg's, measured side by side in the same process.
 
+``ditto`` is judged on each client's own held-out 20% (personal models and the global
+one); ``fedavg-own-tests`` is FedAvg with the same held-out data, for comparison.
+
 Usage:
     python benches/bench_algorithms.py [--algorithms fedavg,scaffold,feddyn,fedprox]
         [--seeds 0,1,2] [--rounds 30] [--epochs 5] [--out FILE]
@@ -29,7 +32,7 @@ import torch
 from emberfl.cli.config import RunConfig
 from emberfl.cli.run import run_experiment
 
-DEFAULT = "fedavg,scaffold,feddyn,fedprox,fedavgm,fedadam,fednova,qffl"
+DEFAULT = "fedavg,scaffold,feddyn,fedprox,fedavgm,fedadam,fednova,qffl,ditto"
 
 
 def run_one(
@@ -37,7 +40,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Run one configuration; return its accuracies and timings."""
     config = RunConfig(
-        output_dir=str(root / f"{algorithm}-{seed}"),
+        output_dir=str(root / f"{algorithm}-{seed}-{len(extra)}"),
         algorithm=algorithm,
         dataset="digits",
         partition="shards",
@@ -60,7 +63,7 @@ def run_one(
         json.loads(line)
         for line in (Path(config.output_dir or "") / "metrics.jsonl").read_text().splitlines()
     ]
-    return {
+    result = {
         "algorithm": algorithm,
         "seed": seed,
         "final_accuracy": rows[-1]["test_accuracy"],
@@ -68,6 +71,10 @@ def run_one(
         "mean_round_s": statistics.fmean(r["round_time_s"] for r in rows),
         "wall_s": round(wall, 3),
     }
+    for key in ("client_test_accuracy", "personal_test_accuracy"):
+        if key in rows[-1]:  # clients' own held-out data (personalised algorithms)
+            result[key] = rows[-1][key]
+    return result
 
 
 def main() -> None:
@@ -85,13 +92,21 @@ def main() -> None:
     args = parser.parse_args()
     algorithms = args.algorithms.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    extras: dict[str, dict[str, Any]] = {"fedprox": {"prox_mu": 0.01}, "qffl": {"qffl_q": 1.0}}
+    extras: dict[str, dict[str, Any]] = {
+        "fedprox": {"prox_mu": 0.01},
+        "qffl": {"qffl_q": 1.0},
+        # FedAvg is judged on the clients' own held-out data too, beside Ditto's personal
+        # models; holding out 20% changes FedAvg's training data, so it runs separately.
+        "fedavg-own-tests": {"client_test_fraction": 0.2},
+    }
     torch.set_num_threads(1)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="emberfl-algos-") as tmp:
         for seed in seeds:  # interleaved: each seed runs every algorithm back to back
             for algorithm in algorithms:
-                result = run_one(algorithm, seed, args, Path(tmp), extras.get(algorithm, {}))
+                name = algorithm.removesuffix("-own-tests")
+                result = run_one(name, seed, args, Path(tmp), extras.get(algorithm, {}))
+                result["algorithm"] = algorithm
                 results.append(result)
                 print(json.dumps(result), flush=True)
     summary: dict[str, dict[str, float]] = {}
@@ -105,6 +120,13 @@ def main() -> None:
             "best_accuracy_mean": statistics.fmean(r["best_accuracy"] for r in mine),
             "round_time_vs_fedavg": statistics.fmean(r["mean_round_s"] for r in mine) / base,
         }
+        for key in ("client_test_accuracy", "personal_test_accuracy"):
+            values = [r[key] for r in mine if key in r]
+            if values:
+                summary[algorithm][f"{key}_mean"] = statistics.fmean(values)
+                summary[algorithm][f"{key}_std"] = (
+                    statistics.stdev(values) if len(values) > 1 else 0.0
+                )
     record = {
         "bench": "algorithms",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -122,6 +144,17 @@ def main() -> None:
         + " ".join(
             f"{a}={s['final_accuracy_mean']:.4f}+-{s['final_accuracy_std']:.4f}"
             f"(x{s['round_time_vs_fedavg']:.2f})"
+            + (
+                f"[own-tests global={s['client_test_accuracy_mean']:.4f}"
+                + (
+                    f" personal={s['personal_test_accuracy_mean']:.4f}"
+                    if "personal_test_accuracy_mean" in s
+                    else ""
+                )
+                + "]"
+                if "client_test_accuracy_mean" in s
+                else ""
+            )
             for a, s in summary.items()
         )
     )
