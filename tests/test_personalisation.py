@@ -10,13 +10,15 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from emberfl.algorithms import Ditto, FedAvg
+from emberfl.algorithms import Ditto, FedAvg, FedBN
 from emberfl.algorithms.base import Split
+from emberfl.algorithms.fedbn import batch_norm_index
 from emberfl.cli import main
 from emberfl.data import FLDataset, Partition
 from emberfl.data.partitioned import TensorPartitionedDataset
@@ -169,3 +171,92 @@ def test_cli_ditto_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     model = (whole / "final_model.safetensors").read_bytes()
     assert (part / "final_model.safetensors").read_bytes() == model
     assert _rows(part)[-1]["personal_test_accuracy"] == _rows(whole)[-1]["personal_test_accuracy"]
+
+
+# ------------------------------------------------------------------------------------------
+# FedBN
+# ------------------------------------------------------------------------------------------
+
+
+def bn_model() -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        )
+
+
+def _simulate_bn(algorithm: Any, mode: str = "serial", parallelism: int = 1) -> Any:
+    from emberfl.executors import ClientSetup, make_executor
+    from emberfl.simulation import Simulation
+
+    setup = ClientSetup(OrderedData(NUM_CLIENTS), bn_model(), batch_size=16, seed=3)
+    with Simulation(
+        algorithm, make_executor(mode, setup, parallelism=parallelism), num_clients=NUM_CLIENTS
+    ) as sim:
+        for _ in range(2):
+            sim.run_round(CIDS)
+        assert sim.client_state is not None
+        states = {c: sim.client_state.views(c)["bn"].clone() for c in CIDS}
+        return sim.state.model.clone(), states, sim.layout
+
+
+def test_fedbn_without_batch_norm_is_fedavg_bit_for_bit() -> None:
+    a = _simulate(FedBN(lr=LR, epochs=2)).model
+    b = _simulate(FedAvg(lr=LR, epochs=2)).model
+    assert torch.equal(_bits(a), _bits(b))
+
+
+def test_fedbn_reference_with_plain_pytorch() -> None:
+    from emberfl.core import serialize_model
+
+    got, states, layout = _simulate_bn(FedBN(lr=LR, epochs=2))
+    bn = batch_norm_index(layout)
+    assert [i.name for i in layout.items if i.batch_norm] == [
+        "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"
+    ]  # fmt: skip
+    x = serialize_model(bn_model()).to(torch.float64)
+    x0 = x.clone()
+    own: dict[int, torch.Tensor] = {}
+    for _ in range(2):
+        total = sum(len(OrderedData(NUM_CLIENTS).get_dataset("train", k)) for k in CIDS)
+        update = torch.zeros_like(x)
+        for k in CIDS:
+            model = bn_model()
+            start = x.clone()
+            if k in own:
+                start[bn] = own[k]
+            deserialize(model, start)
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            model.train()
+            bx, by = OrderedData(NUM_CLIENTS).get_dataset("train", k).tensors
+            for _ in range(2):  # epochs, one full batch each
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(bx), by).backward()
+                opt.step()
+            y = serialize_model(model).to(torch.float64)
+            own[k] = y[bn]
+            delta = y - x
+            delta[bn] = 0
+            update += len(by) / total * delta
+        x = x + update
+    assert _rel(got, x) <= 1e-6
+    assert torch.equal(got[bn].double(), x0[bn])  # the global BatchNorm never moves
+    for k in CIDS:
+        assert _rel(states[k], own[k]) <= 1e-6, k
+
+
+def deserialize(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    from emberfl.core import deserialize_model
+
+    deserialize_model(model, flat.to(torch.float32))
+
+
+@pytest.mark.timeout(300)
+def test_fedbn_has_the_same_bits_in_every_mode() -> None:
+    reference, ref_states, _ = _simulate_bn(FedBN(lr=LR, epochs=2))
+    for mode, p in [("thread", 2), ("process", 2)]:
+        got, states, _ = _simulate_bn(FedBN(lr=LR, epochs=2), mode, p)
+        assert torch.equal(_bits(got), _bits(reference)), mode
+        for k in CIDS:
+            assert torch.equal(states[k], ref_states[k]), (mode, k)

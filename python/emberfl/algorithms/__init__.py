@@ -26,6 +26,7 @@ from emberfl.algorithms.base import (
 )
 from emberfl.algorithms.ditto import Ditto
 from emberfl.algorithms.fedavg import FedAvg
+from emberfl.algorithms.fedbn import FedBN
 from emberfl.algorithms.feddyn import FedDyn
 from emberfl.algorithms.fednova import FedNova
 from emberfl.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -46,6 +47,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBN",
     "FedDyn",
     "FedNova",
     "FedProx",
@@ -76,6 +78,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedNova,
         QFFL,
         Ditto,
+        FedBN,
     )
 }
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``

@@ -88,6 +88,8 @@ class LayoutItem:
         numel: Its number of elements.
         trainable: Whether it is a parameter with ``requires_grad``.
         dtype: Its dtype in the model (the flat vector is float32).
+        batch_norm: Whether it belongs to a BatchNorm layer (its affine parameters or
+            running statistics).
     """
 
     name: str
@@ -96,6 +98,7 @@ class LayoutItem:
     numel: int
     trainable: bool
     dtype: torch.dtype
+    batch_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,20 @@ class ModelLayout:
             Its layout.
         """
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        norm_prefixes = tuple(
+            f"{name}." if name else ""
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        )
         items = []
         offset = 0
         for name, tensor in model.state_dict().items():
             numel = tensor.numel()
             shape = tuple(int(s) for s in tensor.shape)
-            items.append(LayoutItem(name, shape, offset, numel, name in trainable, tensor.dtype))
+            is_norm = any(name.startswith(p) and "." not in name[len(p) :] for p in norm_prefixes)
+            items.append(
+                LayoutItem(name, shape, offset, numel, name in trainable, tensor.dtype, is_norm)
+            )
             offset += numel
         return cls(tuple(items), offset)
 
@@ -444,13 +455,17 @@ class Algorithm(ABC):
     vectorizable: ClassVar[bool] = False
     personalised: ClassVar[bool] = False
 
-    def personal_model(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def personal_model(
+        self, state: dict[str, torch.Tensor], global_model: torch.Tensor, layout: ModelLayout
+    ) -> torch.Tensor | None:
         """Return a client's own model (flat) from its state, or ``None`` (the default:
         clients use the global model). Personalised algorithms are judged on it, on each
         client's own test split.
 
         Args:
             state: The client's state views (:meth:`client_state`).
+            global_model: The current flat global model.
+            layout: Its layout.
 
         Returns:
             A flat float32 model, or ``None``.

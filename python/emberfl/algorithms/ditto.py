@@ -68,7 +68,9 @@ class Ditto(LocalSGD):
         """The personal model ``v_k``."""
         return {"personal": layout.dim}
 
-    def personal_model(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def personal_model(
+        self, state: dict[str, torch.Tensor], global_model: torch.Tensor, layout: ModelLayout
+    ) -> torch.Tensor | None:
         """Return the client's personal model (flat) from its state."""
         return state["personal"]
 

@@ -254,7 +254,9 @@ def shaped(flat: torch.Tensor, layout: ModelLayout, *, trainable_only: bool = Tr
     return flat
 
 
-def train_locally(algorithm: LocalSGD, client: Client) -> tuple[LocalResult, dict[str, float]]:
+def train_locally(
+    algorithm: LocalSGD, client: Client, *, start: torch.Tensor | None = None
+) -> tuple[LocalResult, dict[str, float]]:
     """Run ``algorithm``'s local SGD on one client's model (the per-client executors' loop).
 
     The step is ``torch.optim.SGD``'s arithmetic (:class:`~emberfl.core.vectorized.StackedSGD`
@@ -263,12 +265,19 @@ def train_locally(algorithm: LocalSGD, client: Client) -> tuple[LocalResult, dic
     Args:
         algorithm: The algorithm.
         client: The client.
+        start: The flat model to start from (default: the global model).
 
     Returns:
         The trained client as :meth:`LocalSGD.finish` sees it, and its metrics
         (``train_loss``: the mean loss of its steps; ``steps``).
     """
-    client.load_global()
+    if start is None:
+        client.load_global()
+    else:
+        from emberfl.core import deserialize_model
+
+        client.load_global()  # moves the model to the client's device
+        deserialize_model(client.model, start)
     model = client.model
     model.train()
     # Dropout draws from the client's own stream (the vectorized executor draws the same).

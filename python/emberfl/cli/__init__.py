@@ -317,8 +317,8 @@ def _run_options() -> list[_RunOption]:
             None,
             "F",
             "hold out this fraction of each client's data as its own test split and log "
-            "client_test_accuracy (and personal_test_accuracy for ditto); default 0.2 for "
-            "ditto, else 0",
+            "client_test_accuracy (and personal_test_accuracy for ditto and fedbn); default "
+            "0.2 for ditto and fedbn, else 0",
         ),
         (
             "--client-selection",

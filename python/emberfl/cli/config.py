@@ -93,6 +93,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "fednova": {"server_lr": "server_lr"},
     "qffl": {"qffl_q": "q"},
     "ditto": {"server_lr": "server_lr", "ditto_lambda": "lam"},
+    "fedbn": {"server_lr": "server_lr"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
@@ -180,8 +181,8 @@ class RunConfig:
         qffl_q: q-FFL's fairness exponent ``q``.
         ditto_lambda: Ditto's ``lambda``, pulling personal models towards the global one.
         client_test_fraction: The fraction of each client's data held out as its own test
-            split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms such as
-            ``ditto``, else 0). With it, each round also logs ``client_test_accuracy``
+            split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms, ``ditto``
+            and ``fedbn``, else 0). With it, each round also logs ``client_test_accuracy``
             (the global model on the clients' own tests) and, for personalised
             algorithms, ``personal_test_accuracy`` (each client's own model on its test).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
