@@ -16,19 +16,21 @@ import numpy as np
 import pytest
 import torch
 
-from emberfl.algorithms import Ditto, FedAvg, FedBN
+from emberfl.algorithms import IFCA, Ditto, FedAvg, FedBN
 from emberfl.algorithms.base import Split
 from emberfl.algorithms.fedbn import batch_norm_index
 from emberfl.cli import main
 from emberfl.data import FLDataset, Partition
 from emberfl.data.partitioned import TensorPartitionedDataset
 from emberfl.errors import ConfigError
+from emberfl.rng import Purpose, stream
 from test_algorithms_optim import (
     CIDS,
     LR,
     NUM_CLIENTS,
     OrderedData,
     _bits,
+    _forward,
     _local,
     _rel,
     _simulate,
@@ -260,3 +262,62 @@ def test_fedbn_has_the_same_bits_in_every_mode() -> None:
         assert torch.equal(_bits(got), _bits(reference)), mode
         for k in CIDS:
             assert torch.equal(states[k], ref_states[k]), (mode, k)
+
+
+# ------------------------------------------------------------------------------------------
+# IFCA
+# ------------------------------------------------------------------------------------------
+
+
+def test_ifca_with_one_cluster_is_fedavg_bit_for_bit() -> None:
+    a = _simulate(IFCA(lr=LR, epochs=2, clusters=1)).model
+    b = _simulate(FedAvg(lr=LR, epochs=2)).model
+    assert torch.equal(_bits(a), _bits(b))
+
+
+def _mean_loss(w: torch.Tensor, cid: int) -> float:
+    bx, by = OrderedData(NUM_CLIENTS).get_dataset("train", cid).tensors
+    return float(torch.nn.functional.cross_entropy(_forward(w, bx.double()), by))
+
+
+def test_ifca_reference() -> None:
+    k, scale, seed = 3, 0.5, 9
+    run = _simulate(IFCA(lr=LR, epochs=2, clusters=k, init_scale=scale, seed=seed), rounds=2)
+    x0 = _x0().float()
+    clusters = [x0.clone()]
+    for j in range(1, k):
+        noise = torch.from_numpy(
+            stream(seed, purpose=Purpose.MODEL_INIT, client=j).normal(x0.numel())
+        ).to(torch.float32)
+        clusters.append(x0 + noise * scale)
+    c64 = [c.double() for c in clusters]
+    chosen: dict[int, int] = {}
+    for _ in range(2):
+        sums = [torch.zeros_like(c64[0]) for _ in range(k)]
+        weights = [0.0] * k
+        for cid in CIDS:
+            losses = [_mean_loss(c, cid) for c in c64]
+            j = min(range(k), key=lambda i: (losses[i], i))
+            chosen[cid] = j
+            y, _ = _local(c64[j], cid, epochs=2)
+            n = len(OrderedData(NUM_CLIENTS).get_dataset("train", cid))
+            sums[j] += n * (y - c64[j])
+            weights[j] += n
+        c64 = [c + s / w if w else c for c, s, w in zip(c64, sums, weights, strict=True)]
+    assert len(set(chosen.values())) > 1, "the clients should not all pick one cluster"
+    for j in range(k):
+        assert _rel(run.tensors[f"cluster{j}"], c64[j]) <= 1e-6, j
+    for cid in CIDS:
+        assert int(run.states[cid]["cluster"][0]) == chosen[cid], cid
+
+
+@pytest.mark.timeout(300)
+def test_ifca_has_the_same_bits_in_every_mode() -> None:
+    def make() -> IFCA:
+        return IFCA(lr=LR, epochs=2, clusters=3, init_scale=0.5, seed=9)
+
+    reference = _simulate(make())
+    for mode, p in [("thread", 2), ("process", 2)]:
+        got = _simulate(make(), mode=mode, parallelism=p)
+        for name, value in reference.all_tensors.items():
+            assert torch.equal(got.all_tensors[name], value), (mode, name)

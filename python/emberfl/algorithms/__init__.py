@@ -31,6 +31,7 @@ from emberfl.algorithms.feddyn import FedDyn
 from emberfl.algorithms.fednova import FedNova
 from emberfl.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from emberfl.algorithms.fedprox import FedProx
+from emberfl.algorithms.ifca import IFCA
 from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
 from emberfl.algorithms.qffl import QFFL
 from emberfl.algorithms.scaffold import Scaffold
@@ -52,6 +53,7 @@ __all__ = [
     "FedNova",
     "FedProx",
     "FedYogi",
+    "IFCA",
     "LocalResult",
     "LocalSGD",
     "ModelLayout",
@@ -79,6 +81,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         QFFL,
         Ditto,
         FedBN,
+        IFCA,
     )
 }
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``

@@ -456,7 +456,7 @@ class Algorithm(ABC):
     personalised: ClassVar[bool] = False
 
     def personal_model(
-        self, state: dict[str, torch.Tensor], global_model: torch.Tensor, layout: ModelLayout
+        self, state: dict[str, torch.Tensor], server: ServerState, layout: ModelLayout
     ) -> torch.Tensor | None:
         """Return a client's own model (flat) from its state, or ``None`` (the default:
         clients use the global model). Personalised algorithms are judged on it, on each
@@ -464,8 +464,8 @@ class Algorithm(ABC):
 
         Args:
             state: The client's state views (:meth:`client_state`).
-            global_model: The current flat global model.
-            layout: Its layout.
+            server: The server state (the global model and the algorithm's tensors).
+            layout: The model's layout.
 
         Returns:
             A flat float32 model, or ``None``.

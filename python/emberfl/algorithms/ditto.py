@@ -28,6 +28,7 @@ from emberfl.algorithms.base import (
     Client,
     ClientResult,
     ModelLayout,
+    ServerState,
     Tree,
     check_positive,
     iter_epochs,
@@ -69,7 +70,7 @@ class Ditto(LocalSGD):
         return {"personal": layout.dim}
 
     def personal_model(
-        self, state: dict[str, torch.Tensor], global_model: torch.Tensor, layout: ModelLayout
+        self, state: dict[str, torch.Tensor], server: ServerState, layout: ModelLayout
     ) -> torch.Tensor | None:
         """Return the client's personal model (flat) from its state."""
         return state["personal"]

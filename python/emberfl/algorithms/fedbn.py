@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from emberfl.algorithms.base import Client, ClientResult, ModelLayout
+from emberfl.algorithms.base import Client, ClientResult, ModelLayout, ServerState
 from emberfl.algorithms.local_sgd import LocalSGD, train_locally
 
 __all__ = ["FedBN", "batch_norm_index"]
@@ -48,12 +48,12 @@ class FedBN(LocalSGD):
         return {"bn": n} if n else {}
 
     def personal_model(
-        self, state: dict[str, torch.Tensor], global_model: torch.Tensor, layout: ModelLayout
+        self, state: dict[str, torch.Tensor], server: ServerState, layout: ModelLayout
     ) -> torch.Tensor | None:
         """Return the global model with the client's own BatchNorm entries."""
         if "bn" not in state:
             return None
-        own = global_model.clone()
+        own = server.model.clone()
         own[batch_norm_index(layout)] = state["bn"]
         return own
 

@@ -311,14 +311,22 @@ def _run_options() -> list[_RunOption]:
             "ditto's pull of personal models towards the global one (default 0.1)",
         ),
         (
+            "--ifca-clusters",
+            "ifca_clusters",
+            int,
+            None,
+            "K",
+            "ifca's number of cluster models (default 2)",
+        ),
+        (
             "--client-test-fraction",
             "client_test_fraction",
             float,
             None,
             "F",
             "hold out this fraction of each client's data as its own test split and log "
-            "client_test_accuracy (and personal_test_accuracy for ditto and fedbn); default "
-            "0.2 for ditto and fedbn, else 0",
+            "client_test_accuracy (and personal_test_accuracy for ditto, fedbn and ifca); "
+            "default 0.2 for those, else 0",
         ),
         (
             "--client-selection",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import threading
@@ -94,6 +95,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "qffl": {"qffl_q": "q"},
     "ditto": {"server_lr": "server_lr", "ditto_lambda": "lam"},
     "fedbn": {"server_lr": "server_lr"},
+    "ifca": {"server_lr": "server_lr", "ifca_clusters": "clusters"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
@@ -108,6 +110,7 @@ _ALL_ALGORITHM_KEYS = (
     "feddyn_alpha",
     "qffl_q",
     "ditto_lambda",
+    "ifca_clusters",
 )
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
@@ -180,9 +183,10 @@ class RunConfig:
         feddyn_alpha: FedDyn's regularisation coefficient ``alpha``.
         qffl_q: q-FFL's fairness exponent ``q``.
         ditto_lambda: Ditto's ``lambda``, pulling personal models towards the global one.
+        ifca_clusters: IFCA's number of cluster models ``k``.
         client_test_fraction: The fraction of each client's data held out as its own test
-            split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms, ``ditto``
-            and ``fedbn``, else 0). With it, each round also logs ``client_test_accuracy``
+            split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms, ``ditto``,
+            ``fedbn`` and ``ifca``, else 0). With it, each round also logs ``client_test_accuracy``
             (the global model on the clients' own tests) and, for personalised
             algorithms, ``personal_test_accuracy`` (each client's own model on its test).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
@@ -234,6 +238,7 @@ class RunConfig:
     feddyn_alpha: float | None = None
     qffl_q: float | None = None
     ditto_lambda: float | None = None
+    ifca_clusters: int | None = None
     client_test_fraction: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
@@ -424,6 +429,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "feddyn_alpha": (float, int),
     "qffl_q": (float, int),
     "ditto_lambda": (float, int),
+    "ifca_clusters": (int,),
     "client_test_fraction": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
@@ -550,8 +556,11 @@ def build_algorithm(config: RunConfig) -> Algorithm:
                 kwargs["beta2"] = float(value[1])
         else:
             kwargs[keyword] = value
+    cls = TABLE[config.algorithm]
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs["seed"] = config.seed  # e.g. IFCA's initial clusters
     try:
-        algorithm: Algorithm = TABLE[config.algorithm](**kwargs)
+        algorithm: Algorithm = cls(**kwargs)
     except ConfigError as exc:
         # Name the option as the user wrote it, not the algorithm's keyword.
         text = str(exc)

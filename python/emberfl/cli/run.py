@@ -514,7 +514,7 @@ def _client_test_metrics(
             continue
         flat = None
         if store is not None and store.is_written(cid):
-            flat = algorithm.personal_model(store.views(cid), sim.state.model, sim.layout)
+            flat = algorithm.personal_model(store.views(cid), sim.state, sim.layout)
         if flat is None:
             judged = model
         else:
