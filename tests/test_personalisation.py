@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from emberfl.algorithms import IFCA, Ditto, FedAvg, FedBN
+from emberfl.algorithms import IFCA, Ditto, FedAvg, FedBN, PerFedAvg
 from emberfl.algorithms.base import Split
 from emberfl.algorithms.fedbn import batch_norm_index
 from emberfl.cli import main
@@ -29,6 +29,7 @@ from test_algorithms_optim import (
     LR,
     NUM_CLIENTS,
     OrderedData,
+    _batches,
     _bits,
     _forward,
     _local,
@@ -321,3 +322,63 @@ def test_ifca_has_the_same_bits_in_every_mode() -> None:
         got = _simulate(make(), mode=mode, parallelism=p)
         for name, value in reference.all_tensors.items():
             assert torch.equal(got.all_tensors[name], value), (mode, name)
+
+
+# ------------------------------------------------------------------------------------------
+# Per-FedAvg (first-order)
+# ------------------------------------------------------------------------------------------
+
+
+def _grad(w: torch.Tensor, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    live = w.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(_forward(live, bx.double()), by)
+    (g,) = torch.autograd.grad(loss, live)
+    return g
+
+
+def test_perfedavg_reference() -> None:
+    alpha, beta, epochs = 0.05, LR, 2
+    run = _simulate(PerFedAvg(lr=beta, alpha=alpha, epochs=epochs), rounds=2)
+    x = _x0()
+    weights = {k: len(OrderedData(NUM_CLIENTS).get_dataset("train", k)) for k in CIDS}
+    total = sum(weights.values())
+    for _ in range(2):
+        update = torch.zeros_like(x)
+        for k in CIDS:
+            batches = [b for _ in range(epochs) for b in _batches(k)]
+            pairs = [
+                (batches[i], batches[i + 1] if i + 1 < len(batches) else batches[i])
+                for i in range(0, len(batches), 2)
+            ]
+            w = x.clone()
+            for (d, t), (d2, t2) in pairs:
+                inner = w - alpha * _grad(w, d, t)
+                w = w - beta * _grad(inner, d2, t2)  # first order: applied at w
+            update += weights[k] / total * (w - x)
+        x = x + update
+    assert _rel(run.model, x) <= 1e-6
+
+
+def test_perfedavg_adapts_with_one_step() -> None:
+    from emberfl.core import serialize_model
+    from fl_testkit import linear_model
+
+    algorithm = PerFedAvg(lr=LR, alpha=0.3)
+    model = linear_model()
+    x = serialize_model(model).to(torch.float64)
+    bx, by = OrderedData(NUM_CLIENTS).get_dataset("train", 3).tensors
+    algorithm.adapt(model, (bx, by))
+    expected = x - 0.3 * _grad(x, bx, by)
+    assert _rel(serialize_model(model), expected) <= 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_perfedavg_has_the_same_bits_in_every_mode() -> None:
+    reference = _simulate(PerFedAvg(lr=LR, epochs=2))
+    for mode, p in [("thread", 2), ("process", 2)]:
+        got = _simulate(PerFedAvg(lr=LR, epochs=2), mode=mode, parallelism=p)
+        assert torch.equal(_bits(got.model), _bits(reference.model)), mode
+    with pytest.raises(ConfigError, match="plain SGD"):
+        PerFedAvg(lr=LR, momentum=0.9)
+    with pytest.raises(ConfigError, match="its equations assume SGD steps"):
+        PerFedAvg(lr=LR, optimizer="adam")

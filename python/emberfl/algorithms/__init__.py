@@ -33,6 +33,7 @@ from emberfl.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from emberfl.algorithms.fedprox import FedProx
 from emberfl.algorithms.ifca import IFCA
 from emberfl.algorithms.local_sgd import ClientUpdate, LocalResult, LocalSGD, Terms
+from emberfl.algorithms.perfedavg import PerFedAvg
 from emberfl.algorithms.qffl import QFFL
 from emberfl.algorithms.scaffold import Scaffold
 
@@ -57,6 +58,7 @@ __all__ = [
     "LocalResult",
     "LocalSGD",
     "ModelLayout",
+    "PerFedAvg",
     "QFFL",
     "Scaffold",
     "ServerState",
@@ -82,6 +84,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         Ditto,
         FedBN,
         IFCA,
+        PerFedAvg,
     )
 }
 """The algorithms ``emberfl run --algorithm NAME`` runs, by name (each class's ``summary``

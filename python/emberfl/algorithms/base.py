@@ -447,6 +447,7 @@ class Algorithm(ABC):
             stacked tensors).
         personalised: Whether clients keep models of their own (:meth:`personal_model`),
             evaluated on their own test splits.
+        adapts: Whether a client is judged after :meth:`adapt` on its own data.
     """
 
     name: ClassVar[str] = "algorithm"
@@ -454,6 +455,18 @@ class Algorithm(ABC):
     main_stream: ClassVar[str] = "delta"
     vectorizable: ClassVar[bool] = False
     personalised: ClassVar[bool] = False
+    adapts: ClassVar[bool] = False
+
+    def adapt(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Adapt a copy of the global model to a client before it is judged (in place, on
+        one batch of the client's training data); nothing by default. Per-FedAvg takes
+        one gradient step.
+
+        Args:
+            model: A copy of the global model.
+            batch: ``(inputs, labels)`` from the client's training data.
+        """
+        return None
 
     def personal_model(
         self, state: dict[str, torch.Tensor], server: ServerState, layout: ModelLayout

@@ -319,13 +319,22 @@ def _run_options() -> list[_RunOption]:
             "ifca's number of cluster models (default 2)",
         ),
         (
+            "--perfedavg-alpha",
+            "perfedavg_alpha",
+            float,
+            None,
+            "ALPHA",
+            "perfedavg's inner (adaptation) step size (default 0.01; the outer one is --lr)",
+        ),
+        (
             "--client-test-fraction",
             "client_test_fraction",
             float,
             None,
             "F",
             "hold out this fraction of each client's data as its own test split and log "
-            "client_test_accuracy (and personal_test_accuracy for ditto, fedbn and ifca); "
+            "client_test_accuracy (and personal_test_accuracy for ditto, fedbn, ifca and "
+            "perfedavg); "
             "default 0.2 for those, else 0",
         ),
         (

@@ -96,6 +96,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "ditto": {"server_lr": "server_lr", "ditto_lambda": "lam"},
     "fedbn": {"server_lr": "server_lr"},
     "ifca": {"server_lr": "server_lr", "ifca_clusters": "clusters"},
+    "perfedavg": {"server_lr": "server_lr", "perfedavg_alpha": "alpha"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
@@ -111,6 +112,7 @@ _ALL_ALGORITHM_KEYS = (
     "qffl_q",
     "ditto_lambda",
     "ifca_clusters",
+    "perfedavg_alpha",
 )
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
@@ -184,11 +186,13 @@ class RunConfig:
         qffl_q: q-FFL's fairness exponent ``q``.
         ditto_lambda: Ditto's ``lambda``, pulling personal models towards the global one.
         ifca_clusters: IFCA's number of cluster models ``k``.
+        perfedavg_alpha: Per-FedAvg's inner (adaptation) step size ``alpha``.
         client_test_fraction: The fraction of each client's data held out as its own test
             split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms, ``ditto``,
-            ``fedbn`` and ``ifca``, else 0). With it, each round also logs ``client_test_accuracy``
-            (the global model on the clients' own tests) and, for personalised
-            algorithms, ``personal_test_accuracy`` (each client's own model on its test).
+            ``fedbn``, ``ifca`` and ``perfedavg``, else 0). With it, each round also logs
+            ``client_test_accuracy`` (the global model on the clients' own tests) and,
+            for personalised algorithms, ``personal_test_accuracy`` (each client's own
+            model on its test).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -239,6 +243,7 @@ class RunConfig:
     qffl_q: float | None = None
     ditto_lambda: float | None = None
     ifca_clusters: int | None = None
+    perfedavg_alpha: float | None = None
     client_test_fraction: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
@@ -430,6 +435,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "qffl_q": (float, int),
     "ditto_lambda": (float, int),
     "ifca_clusters": (int,),
+    "perfedavg_alpha": (float, int),
     "client_test_fraction": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),

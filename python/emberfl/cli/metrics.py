@@ -14,8 +14,10 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
 * ``client_test_accuracy``: with ``client_test_fraction > 0``, the global model on every
   client's own test split (all held-out samples together); absent otherwise;
 * ``personal_test_accuracy``: for personalised algorithms (``ditto``, ``fedbn``,
-  ``ifca``), each client's own model on its own test split (all held-out samples
-  together; a client that has not trained yet is judged with the global model).
+  ``ifca``, ``perfedavg``), each client's own model (for ``perfedavg``: the global model
+  after one adaptation step on a batch of its training data) on its own test split (all
+  held-out samples together; a client that has not trained yet is judged with the global
+  model).
 """
 
 from __future__ import annotations

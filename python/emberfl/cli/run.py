@@ -515,7 +515,20 @@ def _client_test_metrics(
         flat = None
         if store is not None and store.is_written(cid):
             flat = algorithm.personal_model(store.views(cid), sim.state, sim.layout)
-        if flat is None:
+        if algorithm.adapts:
+            own.load_state_dict(model.state_dict())
+            generator = torch.Generator().manual_seed(
+                stream(sim.executor.setup.seed, purpose=Purpose.EVALUATION, client=cid,
+                       round=sim.round).torch_seed()
+            )  # fmt: skip
+            loader = pdata.get_dataloader(
+                Split.TRAIN, cid, batch_size=sim.executor.setup.batch_size, generator=generator
+            )
+            batch = next(iter(loader), None)
+            if batch is not None:
+                algorithm.adapt(own, batch)
+            judged = own
+        elif flat is None:
             judged = model
         else:
             deserialize_model(own, flat)
