@@ -31,7 +31,7 @@ from emberfl.algorithms import (
     Terms,
     Tree,
 )
-from emberfl.algorithms.base import Grads
+from emberfl.algorithms.scaffold import Scaffold
 
 FEATURES = 4
 CLASSES = 3
@@ -114,40 +114,10 @@ class Prox(LocalSGD):
         return 0.5 * self.mu * total  # type: ignore[return-value]
 
 
-class ControlVariates(LocalSGD):
-    """SCAFFOLD, option II (Karimireddy et al., 2020), on the LocalSGD hooks."""
+class ControlVariates(Scaffold):
+    """SCAFFOLD, option II: emberfl's own (the layer tests recompute it from the paper)."""
 
     name: ClassVar[str] = "scaffold-test"
-
-    def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
-        return {"delta": StreamSpec(layout.dim, "uniform"), "dc": StreamSpec(layout.dim, "uniform")}
-
-    def client_state(self, layout: ModelLayout) -> dict[str, int]:
-        return {"c": layout.dim}
-
-    def init_server(self, model: torch.Tensor, layout: ModelLayout) -> ServerState:
-        state = super().init_server(model, layout)
-        state.tensors["c"] = torch.zeros(layout.dim)
-        return state
-
-    def broadcast(self, state: ServerState) -> dict[str, torch.Tensor]:
-        return {"model": state.model, "c": state.tensors["c"]}
-
-    def gradient(self, grads: Grads, params: Tree, terms: Terms) -> Grads:
-        ck, c = terms.state["c"], terms.server["c"]
-        return {n: None if g is None else g - ck[n] + c[n] for n, g in grads.items()}
-
-    def finish(self, result: LocalResult) -> ClientUpdate:
-        x, y = result.global_model, result.model
-        ck, c = result.state["c"], result.server["c"]
-        steps = torch.as_tensor(result.steps, dtype=torch.float32).clamp(min=1)
-        c_new = ck - c + (x - y) / (steps * result.lr)
-        return ClientUpdate(uplink={"delta": y - x, "dc": c_new - ck}, state={"c": c_new})
-
-    def server_update(self, state: ServerState, aggregate: Aggregate) -> None:
-        state.model.add_(aggregate.mean("delta"), alpha=self.server_lr)
-        share = aggregate.count / aggregate.population
-        state.tensors["c"].add_(aggregate.mean("dc"), alpha=share)
 
 
 class Distill(Algorithm):
