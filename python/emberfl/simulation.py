@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from emberfl.aggregation import Aggregator, Mean, UpdateSet, WeightedSum
@@ -62,8 +61,8 @@ from emberfl.algorithms.base import (
 from emberfl.atomic import atomic_write_bytes, read_tensor_file
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.core._threads import Deadline
-from emberfl.core.batches import iter_batches
 from emberfl.errors import CheckpointError, ConfigError, EmberflError, ServerTimeoutError
+from emberfl.evaluation import evaluate
 from emberfl.executors.base import Executor, RoundPlan, check_timeout
 from emberfl.rng import Purpose, stream
 from emberfl.selection import (
@@ -240,23 +239,13 @@ class Simulation:
     def _train_loss(self, model: nn.Module, cid: int) -> float:
         """The global model's mean cross-entropy on client ``cid``'s training data."""
         setup = self.executor.setup
-        generator = torch.Generator().manual_seed(
-            stream(
-                setup.seed, purpose=Purpose.EVALUATION, client=cid, round=self.state.round
-            ).torch_seed()
-        )
+        if self.client_sizes()[cid] == 0:
+            return 0.0
+        seed = stream(setup.seed, purpose=Purpose.EVALUATION, client=cid, round=self.state.round)
+        generator = torch.Generator().manual_seed(seed.torch_seed())
         loader = setup.dataset.get_dataloader(Split.TRAIN, cid, setup.batch_size, generator)
-        device = torch.device(setup.device)
-        model.to(device).eval()
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
-        with torch.no_grad():
-            for data, target in iter_batches(loader):
-                out = model(data.to(device))
-                loss = F.cross_entropy(out, target.to(device), reduction="sum")
-                total += loss.to("cpu", torch.float64)
-                count += int(target.shape[0])
-        return float(total) / count if count else 0.0
+        loss, _ = evaluate(model, loader, setup.device)
+        return loss
 
     def run_round(
         self,

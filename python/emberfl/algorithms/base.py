@@ -386,24 +386,16 @@ class Client:
         return self._loader_factory(split, torch.Generator().manual_seed(seed.torch_seed()))
 
     def mean_loss(self, split: Split = Split.TRAIN) -> float:
-        """Return :attr:`model`'s mean cross-entropy on ``split`` (eval mode, no gradients,
-        summed in float64); 0 for a client without data."""
-        from emberfl.core.batches import iter_batches
+        """Return :attr:`model`'s mean cross-entropy on ``split`` (eval mode, no gradients;
+        :func:`emberfl.evaluation.evaluate`); 0 for a client without data."""
+        from emberfl.evaluation import evaluate
 
+        if self.num_samples == 0 and split == Split.TRAIN:
+            return 0.0
         was_training = self.model.training
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
-        with torch.no_grad():
-            for data, target in iter_batches(self.evaluation_loader(split)):
-                out = self.model(data.to(self.device))
-                loss = torch.nn.functional.cross_entropy(
-                    out, target.to(self.device), reduction="sum"
-                )
-                total += loss.to("cpu", torch.float64)
-                count += int(target.shape[0])
+        loss, _ = evaluate(self.model, self.evaluation_loader(split), self.device)
         self.model.train(was_training)
-        return float(total) / count if count else 0.0
+        return loss
 
     def stopped(self) -> bool:
         """Whether the executor asked the client to stop (check it between batches)."""

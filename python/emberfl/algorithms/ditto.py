@@ -24,17 +24,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from emberfl.algorithms.base import (
-    Client,
-    ClientResult,
-    ModelLayout,
-    ServerState,
-    Tree,
-    check_positive,
-    iter_epochs,
-)
+from emberfl.algorithms.base import Client, ClientResult, ModelLayout, ServerState, check_positive
+from emberfl.algorithms.fedprox import FedProx
 from emberfl.algorithms.local_sgd import LocalSGD, train_locally
-from emberfl.nn import prepare_dropout
 
 __all__ = ["Ditto"]
 
@@ -80,38 +72,22 @@ class Ditto(LocalSGD):
         result, metrics = train_locally(self, client)
         x = result.global_model
         personal = client.state["personal"]
-        start = x if client.state_is_new else personal
-        v = self._train_personal(client, start.to(torch.float32), x)
-        personal.copy_(v)
+        # The personal objective is FedProx's, anchored at this round's global model.
+        anchored = FedProx(
+            lr=self.lr,
+            epochs=self.epochs,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            optimizer=self.local_optimizer,
+            mu=self.lam,
+            **({"adam_betas": self.adam_betas, "adam_eps": self.adam_eps}
+               if self.local_optimizer == "adam" else {}),
+        )  # fmt: skip
+        start = None if client.state_is_new else personal.to(torch.float32)
+        trained, _ = train_locally(anchored, client, start=start)
+        personal.copy_(trained.model)
         return ClientResult(
             uplink={"delta": result.model - x},
             num_samples=client.num_samples,
             metrics=metrics,
         )
-
-    def _train_personal(self, client: Client, start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Local SGD on ``f_k(v) + (lambda / 2) ||v - x||^2`` from ``start``."""
-        from emberfl.core import deserialize_model
-
-        model = client.model
-        deserialize_model(model, start)
-        model.train()
-        prepare_dropout(model, client.dropout_generator)
-        device = client.device
-        params: Tree = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        anchor = client.layout.tree(x.to(device), trainable_only=True)
-        optimizer = self.optimizer()
-        criterion = torch.nn.CrossEntropyLoss()
-        for data, target in iter_epochs(client, self.epochs):
-            if client.stopped():
-                break
-            loss = criterion(model(data.to(device)), target.to(device))
-            for p in params.values():
-                p.grad = None
-            loss.backward()
-            grads: dict[str, torch.Tensor | None] = {
-                n: None if p.grad is None else p.grad.add(p.detach() - anchor[n], alpha=self.lam)
-                for n, p in params.items()
-            }
-            optimizer.step(params, grads, None)
-        return client.flat_model()

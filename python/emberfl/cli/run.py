@@ -499,51 +499,38 @@ def _client_test_metrics(
 ) -> dict[str, float]:
     """The global model (and, for personalised algorithms, each client's own model) on
     the clients' own test splits, all held-out samples together."""
-    index = torch.cat(pdata.client_test_index)
-    held = TensorSplit(pdata.train_x, pdata.train_y, index)
-    loader = DataLoader(held, batch_size=EVAL_BATCH_SIZE, collate_fn=_collated)
-    _, global_acc = evaluate(model, loader, device)
+    _, global_acc = evaluate(model, pdata.held_out_loader(EVAL_BATCH_SIZE), device)
     out = {"client_test_accuracy": global_acc}
     algorithm, store = sim.algorithm, sim.client_state
     if not algorithm.personalised:
         return out
     own = copy.deepcopy(model)
+    setup = sim.executor.setup
     correct = total = 0
     for cid, rows in enumerate(pdata.client_test_index):
         if rows.numel() == 0:
             continue
-        flat = None
-        if store is not None and store.is_written(cid):
-            flat = algorithm.personal_model(store.views(cid), sim.state, sim.layout)
+        judged = model
         if algorithm.adapts:
             own.load_state_dict(model.state_dict())
-            generator = torch.Generator().manual_seed(
-                stream(sim.executor.setup.seed, purpose=Purpose.EVALUATION, client=cid,
-                       round=sim.round).torch_seed()
-            )  # fmt: skip
-            loader = pdata.get_dataloader(
-                Split.TRAIN, cid, batch_size=sim.executor.setup.batch_size, generator=generator
-            )
+            seed = stream(setup.seed, purpose=Purpose.EVALUATION, client=cid, round=sim.round)
+            generator = torch.Generator().manual_seed(seed.torch_seed())
+            loader = pdata.get_dataloader(Split.TRAIN, cid, setup.batch_size, generator)
             batch = next(iter(loader), None)
             if batch is not None:
                 algorithm.adapt(own, batch)
             judged = own
-        elif flat is None:
-            judged = model
-        else:
-            deserialize_model(own, flat)
-            judged = own
-        split = TensorSplit(pdata.train_x, pdata.train_y, rows)
-        split_loader = DataLoader(split, batch_size=EVAL_BATCH_SIZE, collate_fn=_collated)
-        _, acc = evaluate(judged, split_loader, device)
-        correct += round(acc * len(split))
-        total += len(split)
+        elif store is not None and store.is_written(cid):
+            flat = algorithm.personal_model(store.views(cid), sim.state, sim.layout)
+            if flat is not None:
+                deserialize_model(own, flat)
+                judged = own
+        test = pdata.get_dataloader(Split.TEST, cid, batch_size=EVAL_BATCH_SIZE)
+        _, acc = evaluate(judged, test, device)
+        correct += round(acc * len(rows))
+        total += len(rows)
     out["personal_test_accuracy"] = correct / total if total else 0.0
     return out
-
-
-def _collated(batch: Any) -> Any:
-    return batch  # TensorSplit.__getitems__ returns a collated batch
 
 
 def _say(out: TextIO, config: RunConfig, text: str) -> None:

@@ -176,6 +176,19 @@ class TensorPartitionedDataset:
             return TensorSplit(self.train_x, self.train_y, None)
         return TensorSplit(self.train_x, self.train_y, self.client_index[cid])
 
+    def held_out_loader(self, batch_size: int) -> DataLoader[Any]:
+        """Return a loader over every client's own test split together (in client order).
+
+        Args:
+            batch_size: The batch size.
+
+        Returns:
+            A loader yielding ``(images, labels)`` batches (empty without client tests).
+        """
+        index = torch.cat(self.client_test_index)
+        split = TensorSplit(self.train_x, self.train_y, index)
+        return DataLoader(split, batch_size=batch_size, collate_fn=_batch_as_is)
+
     def set_dataset(self, type_: FedAvgPartitionType, cid: int | None, dataset: Any) -> None:
         """Not supported: the splits are fixed by the partition.
 
