@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from emberfl.algorithms import (
     ALGORITHMS,
     QFFL,
+    Client,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -42,6 +44,7 @@ from emberfl.algorithms.fednova import normalizer
 from emberfl.core import serialize_model
 from emberfl.errors import ConfigError
 from emberfl.executors import ClientSetup, make_executor
+from emberfl.rng import Purpose
 from emberfl.simulation import Simulation
 from fl_testkit import LazyData, linear_model
 
@@ -368,6 +371,62 @@ def test_fednova_reference(momentum: float) -> None:
     assert _rel(sim.model, x) <= 1e-6
 
 
+# ------------------------------------------------------------------------------------------
+# Heterogeneous local work (stragglers)
+# ------------------------------------------------------------------------------------------
+
+
+def _straggler_epochs(cid: int, rnd: int, epochs: int, fraction: float) -> int:
+    """A straggler's epochs, drawn independently of emberfl from numpy's Philox on the
+    stream ``(SEED, LOCAL_WORK, cid, rnd)``."""
+    g = np.random.Generator(
+        np.random.Philox(key=[SEED, int(Purpose.LOCAL_WORK)], counter=[0, cid, rnd, 0])
+    )
+    u = g.random(2)
+    return epochs if u[0] >= fraction else 1 + int(u[1] * epochs)
+
+
+def test_stragglers_run_fewer_epochs_drawn_from_their_own_stream() -> None:
+    algorithm = FedAvg(lr=LR, epochs=4, stragglers=0.5)
+    drawn = []
+    for rnd in range(3):
+        for cid in range(NUM_CLIENTS):
+            client = Client(
+                cid=cid, round=rnd, seed=SEED, device="cpu", model=linear_model(),
+                layout=ModelLayout.of(linear_model()), broadcast={}, state={},
+                state_is_new=True, loader_factory=lambda *_: None,  # type: ignore[arg-type,return-value]
+                num_samples=_n(cid),
+            )  # fmt: skip
+            epochs = algorithm.local_epochs(client)
+            assert epochs == _straggler_epochs(cid, rnd, 4, 0.5), (cid, rnd)
+            drawn.append(epochs)
+    assert min(drawn) >= 1 and max(drawn) == 4
+    assert 0 < sum(e < 4 for e in drawn) < len(drawn)  # some stragglers, not all
+    assert FedAvg(lr=LR, epochs=4).local_epochs(client) == 4  # no stragglers: no draw
+    with pytest.raises(ConfigError, match=r"stragglers must be a fraction in \[0, 1\]"):
+        FedAvg(lr=LR, stragglers=1.5)
+
+
+def test_fednova_reference_with_stragglers() -> None:
+    """FedNova with local work that differs by design: each client's tau_k from its draw."""
+    sim = _simulate(FedNova(lr=LR, epochs=3, stragglers=1.0))
+    x = _x0()
+    w = _weights()
+    steps = set()
+    for rnd in range(2):
+        d_sum, tau_eff = torch.zeros_like(x), 0.0
+        for k in CIDS:
+            y, tau = _local(x, k, epochs=_straggler_epochs(k, rnd, 3, 1.0))
+            steps.add(tau)
+            d_sum += w[k] * (y - x) / tau
+            tau_eff += w[k] * tau
+        x = x + tau_eff * d_sum
+    assert len(steps) > 1  # the work did differ
+    assert _rel(sim.model, x) <= 1e-6
+    # FedAvg on the same stragglers differs from FedNova (the normalisation matters).
+    assert _rel(_simulate(FedAvg(lr=LR, epochs=3, stragglers=1.0)).model, x) > 1e-4
+
+
 def test_fednova_normalizer_closed_form() -> None:
     steps = torch.arange(0, 12)
     for rho in (0.0, 0.5, 0.9):
@@ -489,14 +548,16 @@ MAKERS: dict[str, Callable[[], LocalSGD]] = {
     "feddyn": lambda: FedDyn(lr=LR, epochs=2, alpha=0.1),
     "fednova": lambda: FedNova(lr=LR, epochs=2, momentum=0.5),
     "qffl": lambda: QFFL(lr=LR, epochs=2, q=1.0),
+    "fedprox-stragglers": lambda: FedProx(lr=LR, epochs=3, mu=0.1, stragglers=0.6),
 }
 
 
 def test_every_algorithm_is_in_the_cli_table() -> None:
-    assert set(MAKERS) | {"fedavg"} <= set(ALGORITHMS)
+    names = {name.split("-")[0] for name in MAKERS}
+    assert names | {"fedavg"} <= set(ALGORITHMS)
     for name, make in MAKERS.items():
-        assert ALGORITHMS[name] is type(make())
-        assert ALGORITHMS[name].summary
+        assert ALGORITHMS[name.split("-")[0]] is type(make())
+        assert ALGORITHMS[name.split("-")[0]].summary
 
 
 @pytest.mark.timeout(300)

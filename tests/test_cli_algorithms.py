@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from emberfl.algorithms import ALGORITHMS, FedAdagrad, FedAdam, FedAvgM, FedDyn, FedProx
+from emberfl.algorithms import (
+    ALGORITHMS,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedDyn,
+    FedNova,
+    FedProx,
+)
 from emberfl.cli import main
 from emberfl.cli.config import ALGORITHM_OPTIONS, RunConfig, build_algorithm
 
@@ -41,6 +50,10 @@ def test_every_algorithm_has_a_cli_entry_and_documented_options() -> None:
     for key in {k for keys in ALGORITHM_OPTIONS.values() for k in keys} | {
         "momentum",
         "weight_decay",
+        "optimizer",
+        "adam_betas",
+        "adam_eps",
+        "stragglers",
     }:
         assert "--" + key.replace("_", "-") in help_text, key
 
@@ -76,6 +89,11 @@ def test_options_reach_the_algorithm() -> None:
     assert isinstance(prox, FedProx) and (prox.mu, prox.weight_decay) == (0.3, 1e-4)
     dyn = build(algorithm="feddyn", feddyn_alpha=0.2)
     assert isinstance(dyn, FedDyn) and dyn.alpha == 0.2
+    adam = build(optimizer="adam", adam_betas=[0.8, 0.95], adam_eps=1e-6, lr=0.01)
+    assert isinstance(adam, FedAvg)
+    assert (adam.adam_betas, adam.adam_eps) == ((0.8, 0.95), 1e-6)
+    slow = build(algorithm="fednova", stragglers=0.9, epochs=4)
+    assert isinstance(slow, FedNova) and (slow.stragglers, slow.epochs) == (0.9, 4)
 
 
 @pytest.mark.parametrize(
@@ -107,6 +125,11 @@ def test_options_reach_the_algorithm() -> None:
         (["--optimizer", "adam", "--momentum", "0.9"], "momentum is SGD's"),
         (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["--server-betas", "a,b"], "is not one or two comma-separated numbers"),
+        (["--adam-eps", "1e-6"], "adam_eps (set to 1e-06) is an option of optimizer 'adam'"),
+        (["--adam-betas", "0.8,0.9"], "is an option of optimizer 'adam', not 'sgd'"),
+        (["--optimizer", "adam", "--adam-betas", "0.8"], "adam_betas must be two numbers"),
+        (["--optimizer", "adam", "--adam-betas", "0.8,1"], "adam_betas must be two numbers in"),
+        (["--stragglers", "1.5"], "stragglers must be a fraction in [0, 1], got 1.5"),
     ],
 )
 def test_options_of_other_algorithms_and_bad_values_are_usage_errors(
@@ -161,6 +184,16 @@ def test_adam_runs_from_the_cli(tmp_path: Path) -> None:
     assert tomllib.loads((run_dir / "config.toml").read_text())["optimizer"] == "adam"
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["test_accuracy"] > 0.3  # it learns (10 classes)
+
+
+def test_stragglers_change_the_run_and_are_recorded(tmp_path: Path) -> None:
+    base = [*TINY, "--algorithm", "fedprox", "--epochs", "3", "--rounds", "2"]
+    assert run(*base, "--output-dir", str(tmp_path / "all")) == 0
+    assert run(*base, "--stragglers", "0.9", "--output-dir", str(tmp_path / "slow")) == 0
+    saved = tomllib.loads((tmp_path / "slow" / "config.toml").read_text())
+    assert saved["stragglers"] == 0.9
+    full = (tmp_path / "all" / "final_model.safetensors").read_bytes()
+    assert (tmp_path / "slow" / "final_model.safetensors").read_bytes() != full
 
 
 @pytest.mark.timeout(300)

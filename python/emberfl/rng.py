@@ -46,6 +46,7 @@ class Purpose(enum.IntEnum):
     SUBSAMPLE = 7
     DROPOUT = 8
     CLIENT_TEST_SPLIT = 9
+    LOCAL_WORK = 10
 
 
 def _check_u64(name: str, value: int) -> int:

@@ -80,6 +80,7 @@ class Ditto(LocalSGD):
             weight_decay=self.weight_decay,
             optimizer=self.local_optimizer,
             mu=self.lam,
+            stragglers=self.stragglers,
             **({"adam_betas": self.adam_betas, "adam_eps": self.adam_eps}
                if self.local_optimizer == "adam" else {}),
         )  # fmt: skip

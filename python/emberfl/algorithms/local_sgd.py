@@ -43,6 +43,7 @@ from emberfl.algorithms.base import (
 from emberfl.core.vectorized import StackedAdam, StackedSGD
 from emberfl.errors import ConfigError
 from emberfl.nn import prepare_dropout
+from emberfl.rng import Purpose
 
 __all__ = ["ClientUpdate", "LocalResult", "LocalSGD", "Terms", "train_locally"]
 
@@ -119,6 +120,8 @@ class LocalSGD(Algorithm):
         momentum: Local SGD momentum (``torch.optim.SGD``'s meaning).
         weight_decay: Local L2 penalty.
         server_lr: Server learning rate ``eta_g`` (1: the mean of the client models).
+        stragglers: Fraction of clients that, in a round, run fewer epochs
+            (:meth:`local_epochs`).
     """
 
     name: ClassVar[str] = "local-sgd"
@@ -138,6 +141,7 @@ class LocalSGD(Algorithm):
         optimizer: str = "sgd",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        stragglers: float = 0.0,
     ) -> None:
         """Set the hyper-parameters.
 
@@ -151,6 +155,10 @@ class LocalSGD(Algorithm):
                 a fresh state per client and round), among :attr:`optimizers`.
             adam_betas: Adam's moment decays.
             adam_eps: Adam's epsilon.
+            stragglers: Systems heterogeneity, in ``[0, 1]``: each client is, in each
+                round, a straggler with this probability and then runs a number of
+                epochs drawn uniformly from ``1..epochs`` (FedProx's simulation of
+                devices that do variable amounts of work, Li 2020, section 5.1).
 
         Raises:
             ConfigError: For a value out of range, an optimiser the algorithm does not
@@ -170,6 +178,9 @@ class LocalSGD(Algorithm):
                 + (" (its equations assume SGD steps)" if optimizer == "adam" else "")
             )
         self.local_optimizer = optimizer
+        if not 0.0 <= float(stragglers) <= 1.0:
+            raise ConfigError(f"stragglers must be a fraction in [0, 1], got {stragglers}")
+        self.stragglers = float(stragglers)
         if optimizer == "adam":
             if momentum:
                 raise ConfigError("momentum is SGD's; Adam has its own (adam_betas)")
@@ -177,6 +188,26 @@ class LocalSGD(Algorithm):
                 raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {adam_betas}")
             self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
             self.adam_eps = check_positive("adam_eps", adam_eps)
+
+    def local_epochs(self, client: Client) -> int:
+        """Return the epochs ``client`` runs this round: :attr:`epochs`, or, for a straggler,
+        a number drawn uniformly from ``1..epochs``.
+
+        Both draws come from the stream ``(seed, LOCAL_WORK, cid, round)``, so a client's
+        work does not depend on the mode, the parallelism or the other clients.
+
+        Args:
+            client: The client.
+
+        Returns:
+            Its local epochs (>= 1).
+        """
+        if self.stragglers == 0.0 or self.epochs == 1:
+            return self.epochs
+        u = client.stream(Purpose.LOCAL_WORK).random(2)
+        if u[0] >= self.stragglers:
+            return self.epochs
+        return 1 + min(int(u[1] * self.epochs), self.epochs - 1)
 
     # -- hooks ------------------------------------------------------------------------------
     def loss_term(self, params: Tree, terms: Terms) -> torch.Tensor | None:
@@ -301,7 +332,7 @@ def train_locally(
     criterion = torch.nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    for data, target in iter_epochs(client, algorithm.epochs):
+    for data, target in iter_epochs(client, algorithm.local_epochs(client)):
         if client.stopped():
             break
         data, target = data.to(device), target.to(device)

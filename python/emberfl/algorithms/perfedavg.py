@@ -84,7 +84,7 @@ class PerFedAvg(LocalSGD):
         x = client.broadcast["model"]
         criterion = nn.CrossEntropyLoss()
         loss_sum, steps = 0.0, 0
-        batches = iter_epochs(client, self.epochs)
+        batches = iter_epochs(client, self.local_epochs(client))
         for (d, t), (d2, t2) in _pairs(batches):
             if client.stopped():
                 break

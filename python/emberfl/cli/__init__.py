@@ -261,6 +261,24 @@ def _run_options() -> list[_RunOption]:
             "local SGD weight decay (default: 0)",
         ),
         (
+            "--adam-betas",
+            "adam_betas",
+            _betas,
+            None,
+            "B1,B2",
+            "Adam's moment decays with --optimizer adam (default: 0.9,0.999)",
+        ),
+        ("--adam-eps", "adam_eps", float, None, "EPS", "Adam's epsilon (default: 1e-8)"),
+        (
+            "--stragglers",
+            "stragglers",
+            float,
+            None,
+            "F",
+            "fraction of clients that run 1..--epochs epochs (uniform) in a round instead of "
+            "--epochs, as FedProx's systems heterogeneity (default: 0)",
+        ),
+        (
             "--server-lr",
             "server_lr",
             float,

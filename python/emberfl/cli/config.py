@@ -99,7 +99,8 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "perfedavg": {"server_lr": "server_lr", "perfedavg_alpha": "alpha"},
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
-``epochs``, ``momentum`` and ``weight_decay`` apply to every algorithm. An option another
+``epochs``, ``momentum``, ``weight_decay``, ``optimizer`` (with ``adam_betas`` and
+``adam_eps``) and ``stragglers`` apply to every algorithm. An option another
 algorithm owns is an error, not silently ignored."""
 
 _ALL_ALGORITHM_KEYS = (
@@ -176,6 +177,12 @@ class RunConfig:
             do not assume SGD steps; ``fednova``, ``scaffold`` and ``qffl`` take ``sgd``).
         momentum: Local SGD momentum (every algorithm).
         weight_decay: Local SGD weight decay (every algorithm).
+        adam_betas: Adam's moment decays ``[beta1, beta2]`` (``optimizer = "adam"`` only;
+            ``None``: 0.9, 0.999).
+        adam_eps: Adam's epsilon (``optimizer = "adam"`` only; ``None``: 1e-8).
+        stragglers: Fraction of clients that, in each round, run a number of epochs drawn
+            uniformly from ``1..epochs`` instead of ``epochs`` (systems heterogeneity as in
+            FedProx's experiments; every algorithm; 0: none).
         server_lr: The server learning rate ``eta_g`` (``None``: the algorithm's default;
             every algorithm but ``feddyn``).
         server_momentum: FedAvgM's server momentum ``beta``.
@@ -234,6 +241,9 @@ class RunConfig:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    adam_betas: list[float] | None = None
+    adam_eps: float | None = None
+    stragglers: float = 0.0
     server_lr: float | None = None
     server_momentum: float | None = None
     server_betas: list[float] | None = None
@@ -312,6 +322,21 @@ class RunConfig:
                 f"server_betas must be one or two numbers (beta1[, beta2]), got "
                 f"{self.server_betas!r}"
             )
+        for key in ("adam_betas", "adam_eps"):
+            if getattr(self, key) is not None and self.optimizer != "adam":
+                raise ConfigError(
+                    f"{key} (set to {getattr(self, key)}) is an option of optimizer 'adam', "
+                    f"not {self.optimizer!r}"
+                )
+        if self.adam_betas is not None and (
+            len(self.adam_betas) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int | float) for b in self.adam_betas)
+        ):
+            raise ConfigError(
+                f"adam_betas must be two numbers (beta1, beta2), got {self.adam_betas!r}"
+            )
+        if not (math.isfinite(self.stragglers) and 0 <= self.stragglers <= 1):
+            raise ConfigError(f"stragglers must be a fraction in [0, 1], got {self.stragglers}")
         algorithm = build_algorithm(self)  # the algorithm checks its own values
         if self.mode == "vectorized" and not algorithm.vectorizable:
             raise ConfigError(
@@ -426,6 +451,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "optimizer": (str,),
     "momentum": (float, int),
     "weight_decay": (float, int),
+    "adam_betas": (list,),
+    "adam_eps": (float, int),
+    "stragglers": (float, int),
     "server_lr": (float, int),
     "server_momentum": (float, int),
     "server_betas": (list,),
@@ -459,9 +487,11 @@ _OPTIONAL = frozenset(
         *_ALL_ALGORITHM_KEYS,
         "poc_candidates",
         "client_test_fraction",
+        "adam_betas",
+        "adam_eps",
     }
 )
-_LIST_KEYS = frozenset({"hidden_sizes", "server_betas"})
+_LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
@@ -543,7 +573,12 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         "optimizer": config.optimizer,
+        "stragglers": float(config.stragglers),
     }
+    if config.adam_betas is not None:
+        kwargs["adam_betas"] = (float(config.adam_betas[0]), float(config.adam_betas[1]))
+    if config.adam_eps is not None:
+        kwargs["adam_eps"] = float(config.adam_eps)
     for key, keyword in ALGORITHM_OPTIONS[config.algorithm].items():
         value = getattr(config, key)
         if value is None:

@@ -550,6 +550,8 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     given |= {"momentum": config.momentum, "weight_decay": config.weight_decay}
     if config.optimizer != "sgd":
         given["optimizer"] = config.optimizer
+        given |= {"adam_betas": config.adam_betas, "adam_eps": config.adam_eps}
+    given["stragglers"] = config.stragglers
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
     if config.client_selection != "uniform":

@@ -335,7 +335,9 @@ class VectorizedExecutor(Executor):
         c = len(cids)
         clients = [self.client(plan, cid, vmodel.module, state={}) for cid in cids]
         sizes = [cl.num_samples for cl in clients]
-        streams: list[Iterator[Any] | None] = [iter_epochs(cl, algorithm.epochs) for cl in clients]
+        streams: list[Iterator[Any] | None] = [
+            iter_epochs(cl, algorithm.local_epochs(cl)) for cl in clients
+        ]
         dropout_rngs = [cl.dropout_generator() for cl in clients]
         x_dev = x.to(device)
         # The clients' state lives in ``rows`` (one row per client, flat layout): the
