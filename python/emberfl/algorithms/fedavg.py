@@ -9,8 +9,9 @@ rule. It is :class:`~emberfl.algorithms.local_sgd.LocalSGD` with no hook overrid
 runs in every executor, the vectorized one included.
 
 Example:
-    >>> FedAvg(lr=0.1, epochs=2).describe()
-    'fedavg(lr=0.1, epochs=2, momentum=0.0, weight_decay=0.0, server_lr=1.0, local_optimizer=sgd)'
+    >>> FedAvg(lr=0.1, epochs=2).describe()  # doctest: +NORMALIZE_WHITESPACE
+    'fedavg(lr=0.1, epochs=2, momentum=0.0, weight_decay=0.0, server_lr=1.0,
+    local_optimizer=sgd, stragglers=0.0)'
 """
 
 from __future__ import annotations
