@@ -8,12 +8,18 @@ accuracy and the mean round time; it prints one JSON record and a SUMMARY line w
 algorithm's final accuracy (mean +- std over the seeds) and its round time relative to
 FedAvg's, measured side by side in the same process.
 
+``fedprox:MU`` runs FedProx with ``mu = MU`` (for a sweep); ``--stragglers F`` makes a
+fraction ``F`` of the clients run 1..epochs epochs each round (FedProx's systems
+heterogeneity), for every algorithm; ``fedavg-drop`` is FedAvg that leaves those stragglers
+out of the round instead (the baseline of FedProx's experiments).
+
 ``ditto`` is judged on each client's own held-out 20% (personal models and the global
 one); ``fedavg-own-tests`` is FedAvg with the same held-out data, for comparison.
 
 Usage:
     python benches/bench_algorithms.py [--algorithms fedavg,scaffold,feddyn,fedprox]
-        [--seeds 0,1,2] [--rounds 30] [--epochs 5] [--out FILE]
+        [--seeds 0,1,2] [--rounds 30] [--epochs 5] [--stragglers F] [--prox-mu MU]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Run one configuration; return its accuracies and timings."""
     config = RunConfig(
-        output_dir=str(root / f"{algorithm}-{seed}-{len(extra)}"),
+        output_dir=str(root / f"{algorithm}-{seed}-{len(extra)}-{extra.get('prox_mu', '')}"),
         algorithm=algorithm,
         dataset="digits",
         partition="shards",
@@ -54,6 +60,7 @@ def run_one(
         seed=seed,
         checkpoint_every=0,
         quiet=True,
+        stragglers=args.stragglers,
         **extra,
     )
     start = time.perf_counter()
@@ -88,24 +95,33 @@ def main() -> None:
     parser.add_argument("--sample-ratio", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--prox-mu", type=float, default=0.01)
+    parser.add_argument(
+        "--stragglers", type=float, default=0.0, help="fraction of stragglers (every algorithm)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     algorithms = args.algorithms.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     extras: dict[str, dict[str, Any]] = {
-        "fedprox": {"prox_mu": 0.01},
+        "fedprox": {"prox_mu": args.prox_mu},
         "qffl": {"qffl_q": 1.0},
         # FedAvg is judged on the clients' own held-out data too, beside Ditto's personal
         # models; holding out 20% changes FedAvg's training data, so it runs separately.
         "fedavg-own-tests": {"client_test_fraction": 0.2},
+        # FedProx's baseline: FedAvg that drops the stragglers (needs --stragglers).
+        "fedavg-drop": {"drop_stragglers": True},
     }
     torch.set_num_threads(1)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="emberfl-algos-") as tmp:
         for seed in seeds:  # interleaved: each seed runs every algorithm back to back
             for algorithm in algorithms:
-                name = algorithm.removesuffix("-own-tests")
-                result = run_one(name, seed, args, Path(tmp), extras.get(algorithm, {}))
+                name = algorithm.removesuffix("-own-tests").removesuffix("-drop")
+                extra = extras.get(algorithm, {})
+                if name.startswith("fedprox:"):  # fedprox:MU, a point of a sweep over mu
+                    name, extra = "fedprox", {"prox_mu": float(name.split(":", 1)[1])}
+                result = run_one(name, seed, args, Path(tmp), extra)
                 result["algorithm"] = algorithm
                 results.append(result)
                 print(json.dumps(result), flush=True)

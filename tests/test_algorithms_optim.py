@@ -427,6 +427,40 @@ def test_fednova_reference_with_stragglers() -> None:
     assert _rel(_simulate(FedAvg(lr=LR, epochs=3, stragglers=1.0)).model, x) > 1e-4
 
 
+def test_dropped_stragglers_are_left_out_of_the_round() -> None:
+    """FedAvg that drops stragglers is FedAvg on the clients that finish, bit for bit."""
+    epochs, fraction = 3, 0.6
+    dropping = FedAvg(lr=LR, epochs=epochs, stragglers=fraction, drop_stragglers=True)
+    setup = ClientSetup(OrderedData(NUM_CLIENTS), linear_model(), batch_size=BATCH, seed=SEED)
+    plain_setup = ClientSetup(OrderedData(NUM_CLIENTS), linear_model(), batch_size=BATCH, seed=SEED)
+    dropped_total = 0
+    with (
+        Simulation(dropping, make_executor("serial", setup), num_clients=NUM_CLIENTS) as sim,
+        Simulation(
+            FedAvg(lr=LR, epochs=epochs), make_executor("serial", plain_setup),
+            num_clients=NUM_CLIENTS,
+        ) as plain,
+    ):  # fmt: skip
+        for rnd in range(3):
+            finishing = [c for c in CIDS if _straggler_epochs(c, rnd, epochs, fraction) == epochs]
+            metrics = sim.run_round(CIDS)
+            plain.run_round(finishing)
+            assert metrics["num_clients"] == len(finishing)
+            assert metrics.get("dropped_clients", 0) == len(CIDS) - len(finishing)
+            dropped_total += len(CIDS) - len(finishing)
+            assert torch.equal(sim.state.model, plain.state.model), rnd
+        assert dropped_total > 0
+        # A round in which every sampled client drops passes without an update.
+        rnd = sim.round
+        late = [c for c in range(NUM_CLIENTS) if _straggler_epochs(c, rnd, epochs, fraction) < 3]
+        before = sim.state.model.clone()
+        metrics = sim.run_round(late[:2])
+        assert metrics == {"num_clients": 0.0, "num_samples": 0.0, "dropped_clients": 2.0}
+        assert torch.equal(sim.state.model, before) and sim.round == rnd + 1
+    with pytest.raises(ConfigError, match="drop_stragglers needs stragglers > 0"):
+        FedAvg(lr=LR, drop_stragglers=True)
+
+
 def test_fednova_normalizer_closed_form() -> None:
     steps = torch.arange(0, 12)
     for rho in (0.0, 0.5, 0.9):

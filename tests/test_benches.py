@@ -164,7 +164,7 @@ def test_algorithm_bench_runs_and_records(tmp_path: Path) -> None:
     import bench_algorithms
 
     args = argparse.Namespace(
-        clients=6, sample_ratio=0.5, rounds=2, epochs=1, batch_size=16, lr=0.05
+        clients=6, sample_ratio=0.5, rounds=2, epochs=1, batch_size=16, lr=0.05, stragglers=0.5
     )
     for algorithm in ("fedavg", "scaffold", "qffl"):
         result = bench_algorithms.run_one(algorithm, 0, args, tmp_path, {})
@@ -172,3 +172,17 @@ def test_algorithm_bench_runs_and_records(tmp_path: Path) -> None:
         assert 0.0 <= result["final_accuracy"] <= 1.0
         assert result["best_accuracy"] >= result["final_accuracy"]
         assert result["mean_round_s"] > 0
+
+
+def test_algorithm_cost_bench_times_every_kind(data_dir: Path) -> None:
+    """The cost bench builds each algorithm with its defaults and times the rounds after
+    the warm-up, in a per-client and the vectorized mode."""
+    import argparse
+
+    import bench_algorithm_cost
+
+    dataset = fl_workload.InMemoryPartitionedDataset(fl_workload.load_workload_data(data_dir))
+    args = argparse.Namespace(preset="tiny", rounds=3)
+    for name, mode in [("fedavg", "serial"), ("ifca", "serial"), ("scaffold", "vectorized")]:
+        times = bench_algorithm_cost.time_rounds(name, mode, dataset, args)
+        assert len(times) == 2 and all(t > 0 for t in times), (name, mode)

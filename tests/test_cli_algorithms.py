@@ -130,6 +130,7 @@ def test_options_reach_the_algorithm() -> None:
         (["--optimizer", "adam", "--adam-betas", "0.8"], "adam_betas must be two numbers"),
         (["--optimizer", "adam", "--adam-betas", "0.8,1"], "adam_betas must be two numbers in"),
         (["--stragglers", "1.5"], "stragglers must be a fraction in [0, 1], got 1.5"),
+        (["--drop-stragglers"], "drop_stragglers needs stragglers > 0"),
     ],
 )
 def test_options_of_other_algorithms_and_bad_values_are_usage_errors(
@@ -194,6 +195,14 @@ def test_stragglers_change_the_run_and_are_recorded(tmp_path: Path) -> None:
     assert saved["stragglers"] == 0.9
     full = (tmp_path / "all" / "final_model.safetensors").read_bytes()
     assert (tmp_path / "slow" / "final_model.safetensors").read_bytes() != full
+    drop = ["--stragglers", "0.9", "--drop-stragglers", "--output-dir", str(tmp_path / "drop")]
+    assert run(*base, *drop) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert min(r["num_clients"] for r in rows) < 4  # stragglers were left out
+    assert tomllib.loads((tmp_path / "drop" / "config.toml").read_text())["drop_stragglers"]
 
 
 @pytest.mark.timeout(300)

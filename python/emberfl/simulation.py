@@ -261,8 +261,10 @@ class Simulation:
                 folded in (e.g. to advance a progress bar).
 
         Returns:
-            The round's metrics: ``num_clients``, the clients' metrics averaged with
-            weights ``num_samples`` (``train_loss``, ``steps``, ...) and ``num_samples``.
+            The round's metrics: ``num_clients`` (those that trained), the clients' metrics
+            averaged with weights ``num_samples`` (``train_loss``, ``steps``, ...),
+            ``num_samples`` and, when the algorithm left some sampled clients out
+            (:meth:`Algorithm.drops`), ``dropped_clients``.
 
         Raises:
             ClientError: A client failed; the server state is unchanged.
@@ -281,6 +283,18 @@ class Simulation:
                 raise ConfigError(
                     f"client {cid!r} does not exist (clients 0..{self.num_clients - 1})"
                 )
+        seed = self.executor.setup.seed
+        dropped = [c for c in cids if self.algorithm.drops(seed, c, self.state.round)]
+        if dropped:
+            cids = [c for c in cids if c not in set(dropped)]
+            if not cids:  # nobody finished: the round passes without an update
+                self.state.round += 1
+                self.last_timing = {"fold_s": 0.0, "server_update_s": 0.0}
+                return {
+                    "num_clients": 0.0,
+                    "num_samples": 0.0,
+                    "dropped_clients": float(len(dropped)),
+                }
         plan = RoundPlan(
             algorithm=self.algorithm,
             broadcast={
@@ -369,7 +383,10 @@ class Simulation:
             "fold_s": fold_s,
             "server_update_s": time.perf_counter() - update_start,
         }
-        return {"num_clients": float(len(cids)), "num_samples": float(samples), **aggregate.metrics}
+        result = {"num_clients": float(len(cids)), "num_samples": float(samples)}
+        if dropped:
+            result["dropped_clients"] = float(len(dropped))
+        return result | aggregate.metrics
 
     def _sums(self, count: int) -> tuple[dict[str, WeightedSum], dict[str, UpdateSet]]:
         folds: dict[str, WeightedSum] = {}

@@ -477,6 +477,12 @@ class Algorithm(ABC):
         """
         return None
 
+    def drops(self, seed: int, cid: int, round: int) -> bool:
+        """Whether sampled client ``cid`` is left out of round ``round`` before it trains
+        (default: never; :class:`~emberfl.algorithms.local_sgd.LocalSGD` drops stragglers
+        when asked). A pure function of its arguments, so every mode drops the same."""
+        return False
+
     def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
         """Declare the uplink tensors (default: ``"delta"``, weighted by sample count).
 

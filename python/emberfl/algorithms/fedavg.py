@@ -11,7 +11,7 @@ runs in every executor, the vectorized one included.
 Example:
     >>> FedAvg(lr=0.1, epochs=2).describe()  # doctest: +NORMALIZE_WHITESPACE
     'fedavg(lr=0.1, epochs=2, momentum=0.0, weight_decay=0.0, server_lr=1.0,
-    local_optimizer=sgd, stragglers=0.0)'
+    local_optimizer=sgd, stragglers=0.0, drop_stragglers=False)'
 """
 
 from __future__ import annotations

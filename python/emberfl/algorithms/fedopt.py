@@ -20,7 +20,7 @@ parent process: every execution mode gives the same bits.
 Example:
     >>> FedAdam(lr=0.1).describe()  # doctest: +NORMALIZE_WHITESPACE
     'fedadam(lr=0.1, epochs=1, momentum=0.0, weight_decay=0.0, server_lr=0.1,
-    local_optimizer=sgd, stragglers=0.0, beta1=0.9, beta2=0.99, tau=0.001)'
+    local_optimizer=sgd, stragglers=0.0, drop_stragglers=False, beta1=0.9, beta2=0.99, tau=0.001)'
 """
 
 from __future__ import annotations

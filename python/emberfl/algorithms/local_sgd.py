@@ -43,7 +43,7 @@ from emberfl.algorithms.base import (
 from emberfl.core.vectorized import StackedAdam, StackedSGD
 from emberfl.errors import ConfigError
 from emberfl.nn import prepare_dropout
-from emberfl.rng import Purpose
+from emberfl.rng import Purpose, stream
 
 __all__ = ["ClientUpdate", "LocalResult", "LocalSGD", "Terms", "train_locally"]
 
@@ -122,6 +122,8 @@ class LocalSGD(Algorithm):
         server_lr: Server learning rate ``eta_g`` (1: the mean of the client models).
         stragglers: Fraction of clients that, in a round, run fewer epochs
             (:meth:`local_epochs`).
+        drop_stragglers: Whether clients that would not finish :attr:`epochs` are left out
+            of the round instead (:meth:`drops`).
     """
 
     name: ClassVar[str] = "local-sgd"
@@ -142,6 +144,7 @@ class LocalSGD(Algorithm):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         stragglers: float = 0.0,
+        drop_stragglers: bool = False,
     ) -> None:
         """Set the hyper-parameters.
 
@@ -159,6 +162,9 @@ class LocalSGD(Algorithm):
                 round, a straggler with this probability and then runs a number of
                 epochs drawn uniformly from ``1..epochs`` (FedProx's simulation of
                 devices that do variable amounts of work, Li 2020, section 5.1).
+            drop_stragglers: Leave the clients that would not finish ``epochs`` out of
+                the round (FedAvg with a deadline, FedProx's baseline) instead of taking
+                their partial work; needs ``stragglers > 0``.
 
         Raises:
             ConfigError: For a value out of range, an optimiser the algorithm does not
@@ -181,6 +187,9 @@ class LocalSGD(Algorithm):
         if not 0.0 <= float(stragglers) <= 1.0:
             raise ConfigError(f"stragglers must be a fraction in [0, 1], got {stragglers}")
         self.stragglers = float(stragglers)
+        if drop_stragglers and self.stragglers == 0.0:
+            raise ConfigError("drop_stragglers needs stragglers > 0 (there is nobody to drop)")
+        self.drop_stragglers = bool(drop_stragglers)
         if optimizer == "adam":
             if momentum:
                 raise ConfigError("momentum is SGD's; Adam has its own (adam_betas)")
@@ -189,25 +198,36 @@ class LocalSGD(Algorithm):
             self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
             self.adam_eps = check_positive("adam_eps", adam_eps)
 
-    def local_epochs(self, client: Client) -> int:
-        """Return the epochs ``client`` runs this round: :attr:`epochs`, or, for a straggler,
-        a number drawn uniformly from ``1..epochs``.
+    def work(self, seed: int, cid: int, round: int) -> int:
+        """Return the epochs client ``cid`` runs in round ``round``: :attr:`epochs`, or, for
+        a straggler, a number drawn uniformly from ``1..epochs``.
 
         Both draws come from the stream ``(seed, LOCAL_WORK, cid, round)``, so a client's
         work does not depend on the mode, the parallelism or the other clients.
 
         Args:
-            client: The client.
+            seed: The experiment seed.
+            cid: The client.
+            round: The round (0-based).
 
         Returns:
             Its local epochs (>= 1).
         """
         if self.stragglers == 0.0 or self.epochs == 1:
             return self.epochs
-        u = client.stream(Purpose.LOCAL_WORK).random(2)
+        u = stream(seed, purpose=Purpose.LOCAL_WORK, client=cid, round=round).random(2)
         if u[0] >= self.stragglers:
             return self.epochs
         return 1 + min(int(u[1] * self.epochs), self.epochs - 1)
+
+    def local_epochs(self, client: Client) -> int:
+        """Return the epochs ``client`` runs this round (:meth:`work`)."""
+        return self.work(client.seed, client.cid, client.round)
+
+    def drops(self, seed: int, cid: int, round: int) -> bool:
+        """Whether client ``cid`` is left out of round ``round``: with
+        :attr:`drop_stragglers`, a client that would run fewer than :attr:`epochs`."""
+        return self.drop_stragglers and self.work(seed, cid, round) < self.epochs
 
     # -- hooks ------------------------------------------------------------------------------
     def loss_term(self, params: Tree, terms: Terms) -> torch.Tensor | None:

@@ -490,6 +490,14 @@ def _add_run_parser(commands: Any) -> None:
             help=text,
         )
     run.add_argument(
+        "--drop-stragglers",
+        dest="drop_stragglers",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="leave the clients that would not finish --epochs out of the round (FedAvg "
+        "with a deadline, FedProx's baseline) instead of using their partial work",
+    )
+    run.add_argument(
         "-q",
         "--quiet",
         action="store_true",

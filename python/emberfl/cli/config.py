@@ -183,6 +183,8 @@ class RunConfig:
         stragglers: Fraction of clients that, in each round, run a number of epochs drawn
             uniformly from ``1..epochs`` instead of ``epochs`` (systems heterogeneity as in
             FedProx's experiments; every algorithm; 0: none).
+        drop_stragglers: Leave the clients that would not finish ``epochs`` out of the
+            round instead of using their partial work (needs ``stragglers > 0``).
         server_lr: The server learning rate ``eta_g`` (``None``: the algorithm's default;
             every algorithm but ``feddyn``).
         server_momentum: FedAvgM's server momentum ``beta``.
@@ -244,6 +246,7 @@ class RunConfig:
     adam_betas: list[float] | None = None
     adam_eps: float | None = None
     stragglers: float = 0.0
+    drop_stragglers: bool = False
     server_lr: float | None = None
     server_momentum: float | None = None
     server_betas: list[float] | None = None
@@ -454,6 +457,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "adam_betas": (list,),
     "adam_eps": (float, int),
     "stragglers": (float, int),
+    "drop_stragglers": (bool,),
     "server_lr": (float, int),
     "server_momentum": (float, int),
     "server_betas": (list,),
@@ -574,6 +578,7 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         "weight_decay": config.weight_decay,
         "optimizer": config.optimizer,
         "stragglers": float(config.stragglers),
+        "drop_stragglers": config.drop_stragglers,
     }
     if config.adam_betas is not None:
         kwargs["adam_betas"] = (float(config.adam_betas[0]), float(config.adam_betas[1]))

@@ -552,6 +552,7 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         given["optimizer"] = config.optimizer
         given |= {"adam_betas": config.adam_betas, "adam_eps": config.adam_eps}
     given["stragglers"] = config.stragglers
+    given["drop_stragglers"] = config.drop_stragglers
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
     if config.client_selection != "uniform":
@@ -748,7 +749,7 @@ def run_experiment(
                     "round": sim.round,
                     "wall_time_s": round(wall_time(), 3),
                     "round_time_s": round(time.perf_counter() - round_start, 3),
-                    "num_clients": len(cids),
+                    "num_clients": int(summary["num_clients"]),
                     "train_loss": train_loss,
                     "train_accuracy": train_acc,
                     "test_loss": test_loss,
