@@ -11,7 +11,7 @@ median round time of the algorithm over FedAvg's in the same mode.
 
 Usage:
     python benches/bench_algorithm_cost.py [--modes serial,vectorized] [--rounds 3]
-        [--repeats 2] [--algorithms a,b,...] [--out FILE]
+        [--repeats 2] [--epochs E] [--algorithms a,b,...] [--out FILE]
 
 Prints one JSON record and a SUMMARY line ``mode:algorithm=ratio``. Algorithms that are
 not vectorizable are skipped in vectorized mode.
@@ -69,7 +69,8 @@ def time_rounds(
         seed=config.seed,
     )
     executor = make_executor(mode, setup, parallelism=1)
-    algorithm = build(name, config.lr, config.epochs, config.seed)
+    epochs = getattr(args, "epochs", None) or config.epochs
+    algorithm = build(name, config.lr, epochs, config.seed)
     per_round = max(1, int(config.num_clients * config.sample_ratio))
     times = []
     with Simulation(
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="local epochs (default: the preset's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.rounds < 2:
@@ -124,7 +126,12 @@ def main() -> None:
     record = {
         "bench": "algorithm_cost",
         "preset": args.preset,
-        "config": {"rounds": args.rounds, "repeats": args.repeats, "threads": 1},
+        "config": {
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "epochs": args.epochs or config.epochs,
+            "threads": 1,
+        },
         "torch": torch.__version__,
         "runs": runs,
         "round_time_vs_fedavg": summary,

@@ -126,7 +126,9 @@ def main() -> None:
                 results.append(result)
                 print(json.dumps(result), flush=True)
     summary: dict[str, dict[str, float]] = {}
-    base = statistics.fmean(r["mean_round_s"] for r in results if r["algorithm"] == "fedavg")
+    # Round times relative to FedAvg's (to the first algorithm's when FedAvg did not run).
+    base_name = "fedavg" if "fedavg" in algorithms else algorithms[0]
+    base = statistics.fmean(r["mean_round_s"] for r in results if r["algorithm"] == base_name)
     for algorithm in algorithms:
         mine = [r for r in results if r["algorithm"] == algorithm]
         finals = [r["final_accuracy"] for r in mine]
@@ -148,6 +150,7 @@ def main() -> None:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "runs": results,
+        "round_time_base": base_name,
         "summary": summary,
     }
     text = json.dumps(record, indent=2)

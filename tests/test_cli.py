@@ -439,3 +439,18 @@ def test_run_help_lists_every_algorithm_with_its_summary(
     assert "algorithms (--algorithm):" in out
     for name, cls in ALGORITHMS.items():
         assert any(line.split() == [name, *cls.summary.split()] for line in out.splitlines())
+
+
+def test_summary_table_shows_the_clients_own_tests_when_the_run_has_them() -> None:
+    rows = [
+        {"round": r, "num_clients": 2, "test_accuracy": 0.5, "wall_time_s": float(r),
+         "client_test_accuracy": 0.6, "personal_test_accuracy": 0.9 + r / 100}
+        for r in (1, 2)
+    ]  # fmt: skip
+    table = format_summary(rows)
+    header = table.splitlines()[0]
+    assert "own-test acc" in header and "personal acc" in header
+    assert "92.00%" in table.splitlines()[3]  # round 2's personal accuracy, in its row
+    assert "personal models on their own tests: 92.00%" in table
+    plain = format_summary([{k: v for k, v in r.items() if "_test_" not in k} for r in rows])
+    assert "own-test" not in plain and "personal" not in plain

@@ -190,15 +190,19 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
     """
     if not rows:
         return "no round completed yet"
-    columns = (
+    every: tuple[tuple[str, str, str], ...] = (
         ("round", "round", "int"),
         ("clients", "num_clients", "int"),
         ("train loss", "train_loss", "float"),
         ("train acc", "train_accuracy", "pct"),
         ("test loss", "test_loss", "float"),
         ("test acc", "test_accuracy", "pct"),
+        ("own-test acc", "client_test_accuracy", "pct"),
+        ("personal acc", "personal_test_accuracy", "pct"),
         ("time (s)", "wall_time_s", "time"),
     )
+    # The clients' own-test columns only when the run has them.
+    columns = tuple(c for c in every if c[1] not in OPTIONAL_FIELDS or c[1] in rows[-1])
     shown = _pick_rows(rows, max(2, max_rows))
     cells = [[_fmt(row.get(key), kind) for _, key, kind in columns] for row in shown]
     widths = [
@@ -220,4 +224,10 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
             f"{_fmt(last.get('round'), 'int')} rounds (best {_fmt(best_acc, 'pct')} at round "
             f"{best_round}), {_fmt(last.get('wall_time_s'), 'time')} s"
         )
+    for key, what in (
+        ("client_test_accuracy", "global model on the clients' own tests"),
+        ("personal_test_accuracy", "personal models on their own tests"),
+    ):
+        if isinstance(last.get(key), int | float):
+            lines.append(f"{what}: {_fmt(last.get(key), 'pct')}")
     return "\n".join(lines)
