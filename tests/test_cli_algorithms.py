@@ -155,11 +155,12 @@ def test_a_toml_config_sets_algorithm_options(tmp_path: Path) -> None:
     assert run("--config", str(bad), "--output-dir", str(tmp_path / "bad"), *TINY) == 2
 
 
-STATEFUL = ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "feddyn"]
+STATEFUL = {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "feddyn", "ditto", "ifca"}
+"""Algorithms with server or client state (FedBN's is its BatchNorm: none on the MLP)."""
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", STATEFUL)
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> None:
     options = ["--algorithm", name, "--checkpoint-every", "1", "--sample-ratio", "0.5", *TINY]
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -174,8 +175,9 @@ def test_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> 
     whole_state = sorted((whole / "checkpoint").glob("state-round-*.safetensors"))
     part_state = sorted((part / "checkpoint").glob("state-round-*.safetensors"))
     assert [p.name for p in whole_state] == [p.name for p in part_state]
-    assert whole_state, "a stateful algorithm checkpoints its state"
-    assert whole_state[-1].read_bytes() == part_state[-1].read_bytes()
+    if name in STATEFUL:
+        assert whole_state, "a stateful algorithm checkpoints its state"
+        assert whole_state[-1].read_bytes() == part_state[-1].read_bytes()
 
 
 def test_adam_runs_from_the_cli(tmp_path: Path) -> None:
@@ -206,7 +208,7 @@ def test_stragglers_change_the_run_and_are_recorded(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam"])
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam", "ditto", "ifca"])
 def test_sigkill_then_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> None:
     """Server and client state survive a SIGKILL of a process-mode run between checkpoints."""
     import signal
