@@ -14,6 +14,7 @@ __all__ = [
     "median",
     "norms",
     "pairwise_sq_dists",
+    "sq_dists_to",
     "philox4x32_10",
     "philox4x64_10",
     "trimmed_mean",
@@ -90,6 +91,9 @@ def trimmed_mean(
 def norms(arena: Arena, slots: list[int], *, num_threads: int) -> npt.NDArray[np.float64]: ...
 def pairwise_sq_dists(
     arena: Arena, slots: list[int], *, num_threads: int
+) -> npt.NDArray[np.float64]: ...
+def sq_dists_to(
+    arena: Arena, slots: list[int], point: npt.NDArray[np.float32], *, num_threads: int
 ) -> npt.NDArray[np.float64]: ...
 def max_pool2d_forward(
     input: npt.NDArray[np.float32],

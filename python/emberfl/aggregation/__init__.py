@@ -1,12 +1,15 @@
 """Aggregation: deterministic kernels, streaming weighted sums and the server's rules.
 
 * :mod:`~emberfl.aggregation.kernels` — Rust kernels over arena slots (weighted mean,
-  median, trimmed mean, norms, pairwise distances), bitwise identical for any thread count.
+  median, trimmed mean, norms, pairwise distances, distances to a point), bitwise identical
+  for any thread count.
 * :class:`WeightedSum` — a float64 running sum that client updates are folded into, in
   client-list order, as they arrive.
 * :class:`Aggregator` — the server's rule over a round's updates: :class:`Mean` (streamed)
-  or rules that need every update at once (:class:`Median`, :class:`TrimmedMean`), kept in
-  an :class:`UpdateSet`.
+  or rules that need every update at once (:class:`Median`, :class:`TrimmedMean` and the
+  Byzantine-robust rules of :mod:`~emberfl.aggregation.robust`: :class:`Krum`,
+  :class:`MultiKrum`, :class:`Bulyan`, :class:`GeometricMedian`, :class:`ClippedMean`),
+  kept in an :class:`UpdateSet`. :data:`AGGREGATORS` names them for the CLI.
 
 Example:
     >>> import torch
@@ -28,13 +31,27 @@ from emberfl.aggregation.kernels import (
     median,
     norms,
     pairwise_sq_dists,
+    sq_dists_to,
     trimmed_mean,
     weighted_mean,
 )
+from emberfl.aggregation.robust import Bulyan, ClippedMean, GeometricMedian, Krum, MultiKrum
 from emberfl.aggregation.streaming import WeightedSum
 
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    cls.name: cls
+    for cls in (Mean, Median, TrimmedMean, Krum, MultiKrum, Bulyan, GeometricMedian, ClippedMean)
+}
+"""The server's rules by name (``--aggregator``)."""
+
 __all__ = [
+    "AGGREGATORS",
     "Aggregator",
+    "Bulyan",
+    "ClippedMean",
+    "GeometricMedian",
+    "Krum",
+    "MultiKrum",
     "Mean",
     "Median",
     "TrimmedMean",
@@ -43,6 +60,7 @@ __all__ = [
     "median",
     "norms",
     "pairwise_sq_dists",
+    "sq_dists_to",
     "trimmed_mean",
     "weighted_mean",
 ]

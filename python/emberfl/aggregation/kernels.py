@@ -31,7 +31,14 @@ from emberfl.errors import (
     TensorMismatchError,
 )
 
-__all__ = ["median", "norms", "pairwise_sq_dists", "trimmed_mean", "weighted_mean"]
+__all__ = [
+    "median",
+    "norms",
+    "pairwise_sq_dists",
+    "sq_dists_to",
+    "trimmed_mean",
+    "weighted_mean",
+]
 
 Out = int | torch.Tensor
 Slots = Sequence[int] | torch.Tensor | npt.NDArray[np.integer]
@@ -268,4 +275,41 @@ def pairwise_sq_dists(
             raise error
         if len(s) > 1:
             raise NonFiniteError("a pairwise distance is not finite, although every slot is")
+    return result
+
+
+def sq_dists_to(
+    arena: ParamArena, slots: Slots, point: torch.Tensor, *, num_threads: int | None = None
+) -> torch.Tensor:
+    """Return the squared Euclidean distance from each slot to ``point`` (for the geometric
+    median).
+
+    Args:
+        arena: The arena.
+        slots: The slots.
+        point: A float32 CPU tensor of ``dim`` elements.
+        num_threads: Rust threads; default ``torch.get_num_threads()``.
+
+    Returns:
+        A ``(len(slots),)`` float64 tensor.
+
+    Raises:
+        NonFiniteError: A slot or the point holds NaN or infinity.
+        TensorMismatchError: ``point`` is not a float32 CPU tensor of ``dim`` elements.
+        SlotIndexError: A slot index out of range.
+        InvalidArgumentError: An empty slot list, or a slot index or thread count that is
+            not an integer.
+    """
+    s = _slots(arena, slots)
+    if point.dtype != torch.float32 or point.device.type != "cpu" or point.numel() != arena.dim:
+        raise TensorMismatchError(
+            f"point must be a float32 CPU tensor of {arena.dim} elements, got {point.dtype} "
+            f"of shape {tuple(point.shape)} on {point.device}"
+        )
+    array = point.detach().contiguous().reshape(-1).numpy()
+    flat = _core.sq_dists_to(arena.core, s, array, num_threads=check_threads(num_threads))
+    result = torch.from_numpy(flat)
+    if not bool(torch.isfinite(result).all()):
+        error = _non_finite_slot(arena, s)
+        raise error or NonFiniteError("the point holds a non-finite value")
     return result

@@ -323,6 +323,28 @@ pub fn pairwise_sq_dists(inputs: &[&[f32]], pool: &ThreadPool) -> Result<Vec<f64
     Ok(out)
 }
 
+/// Squared Euclidean distances from each input to `point`, for the geometric median's
+/// Weiszfeld iterations; summed in float64 over fixed blocks, so the bits do not depend on
+/// the thread count.
+pub fn sq_dists_to(inputs: &[&[f32]], point: &[f32], pool: &ThreadPool) -> Result<Vec<f64>> {
+    let n = check_inputs("sq_dists_to", inputs, Some(point.len()))?;
+    let blocks = n.div_ceil(BLOCK).max(1);
+    let partials: Vec<f64> = pool.install(|| {
+        (0..inputs.len() * blocks)
+            .into_par_iter()
+            .map(|item| {
+                let (k, b) = (item / blocks, item % blocks);
+                let (s, e) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+                sum_sq_diff(&inputs[k][s..e], &point[s..e])
+            })
+            .collect()
+    });
+    Ok(partials
+        .chunks(blocks)
+        .map(|p| p.iter().sum::<f64>())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +429,11 @@ mod tests {
         assert_eq!(norms(&v, &p).unwrap(), vec![5.0, 0.0, 3.0]);
         let d = pairwise_sq_dists(&v, &p).unwrap();
         assert_eq!(d, vec![0.0, 25.0, 16.0, 25.0, 0.0, 9.0, 16.0, 9.0, 0.0]);
+        assert_eq!(
+            sq_dists_to(&v, &[3.0, 0.0], &p).unwrap(),
+            vec![16.0, 9.0, 0.0]
+        );
+        assert!(sq_dists_to(&v, &[3.0], &p).is_err());
     }
 
     proptest! {
@@ -426,7 +453,8 @@ mod tests {
                 let r = (a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                          m.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                          norms(&v, &p).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                         pairwise_sq_dists(&v, &p).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                         pairwise_sq_dists(&v, &p).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                         sq_dists_to(&v, v[0], &p).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>());
                 match &base {
                     None => base = Some(r),
                     Some(b) => prop_assert_eq!(b, &r),

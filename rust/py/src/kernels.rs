@@ -2,8 +2,8 @@
 
 use emberfl_core::{aggregate, maxpool, pool, Out};
 use numpy::{
-    PyArray1, PyArrayMethods, PyReadonlyArray3, PyReadwriteArray1, PyReadwriteArray3,
-    PyUntypedArrayMethods,
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray3, PyReadwriteArray1,
+    PyReadwriteArray3, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -123,6 +123,28 @@ pub fn pairwise_sq_dists<'py>(
     let work = slots.len() * slots.len() * a.dim();
     let r = run_detached(py, work, || {
         a.with_slots(&slots, |x| aggregate::pairwise_sq_dists(x, &p))
+            .and_then(|r| r)
+    })?;
+    let v = r.map_err(|e| kernel_error(py, e, &slots))?;
+    Ok(PyArray1::from_vec(py, v))
+}
+
+/// Squared distances (float64) from each of `slots` to `point` (float32, `dim` elements).
+#[pyfunction]
+#[pyo3(signature = (arena, slots, point, *, num_threads))]
+pub fn sq_dists_to<'py>(
+    py: Python<'py>,
+    arena: &Bound<'py, Arena>,
+    slots: Vec<usize>,
+    point: PyReadonlyArray1<'py, f32>,
+    num_threads: usize,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let p = thread_pool(num_threads)?;
+    let a = &arena.get().inner;
+    let point = point.as_slice()?;
+    let work = slots.len() * a.dim();
+    let r = run_detached(py, work, || {
+        a.with_slots(&slots, |x| aggregate::sq_dists_to(x, point, &p))
             .and_then(|r| r)
     })?;
     let v = r.map_err(|e| kernel_error(py, e, &slots))?;

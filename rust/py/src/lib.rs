@@ -31,8 +31,8 @@ mod _core {
     use crate::arena::Arena;
     #[pymodule_export]
     use crate::kernels::{
-        max_pool2d_backward, max_pool2d_forward, median, norms, pairwise_sq_dists, trimmed_mean,
-        weighted_mean,
+        max_pool2d_backward, max_pool2d_forward, median, norms, pairwise_sq_dists, sq_dists_to,
+        trimmed_mean, weighted_mean,
     };
     #[pymodule_export]
     use crate::rng::{philox4x32_10, philox4x64_10, Stream};
