@@ -14,6 +14,7 @@ MODULES = [
     "emberfl.algorithms.fedavg",
     "emberfl.algorithms.fedopt",
     "emberfl.algorithms.fedprox",
+    "emberfl.attacks",
 ]
 
 

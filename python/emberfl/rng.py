@@ -47,6 +47,8 @@ class Purpose(enum.IntEnum):
     DROPOUT = 8
     CLIENT_TEST_SPLIT = 9
     LOCAL_WORK = 10
+    MALICIOUS = 11
+    ATTACK = 12
 
 
 def _check_u64(name: str, value: int) -> int:

@@ -59,6 +59,7 @@ from emberfl.algorithms.base import (
     Split,
 )
 from emberfl.atomic import atomic_write_bytes, read_tensor_file
+from emberfl.attacks import Attack
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.core._threads import Deadline
 from emberfl.errors import CheckpointError, ConfigError, EmberflError, ServerTimeoutError
@@ -118,6 +119,7 @@ class Simulation:
         aggregation_threads: int | None = None,
         server_timeout: float | None = None,
         selection: Selection = "uniform",
+        attack: Attack | None = None,
         poc_candidates: int | None = None,
     ) -> None:
         """Set up the server state from the executor's model.
@@ -142,6 +144,9 @@ class Simulation:
                 (:mod:`emberfl.selection`: ``uniform``, ``size``, ``power-of-choice``).
             poc_candidates: Power-of-choice's ``d``, the clients asked for their loss
                 (default: twice the clients per round, at most all of them).
+            attack: Simulated Byzantine clients (:class:`~emberfl.attacks.Attack`): what
+                its malicious clients send in the main stream replaces their update as it
+                is received, before aggregation, in every mode alike.
 
         Raises:
             ConfigError: A count out of range, or an aggregator for a stream the algorithm
@@ -192,6 +197,12 @@ class Simulation:
         model = executor.setup.model
         self.layout = ModelLayout.of(model)
         self.streams = algorithm.uplink_streams(self.layout)
+        self.attack = attack
+        if attack is not None and algorithm.main_stream not in self.streams:
+            raise ConfigError(
+                f"the {attack.kind} attack poisons {type(algorithm).__name__}'s main stream "
+                f"{algorithm.main_stream!r}, which it does not send"
+            )
         if self.aggregator.needs_all_updates and algorithm.main_stream not in self.streams:
             raise ConfigError(
                 f"aggregator {self.aggregator.name!r} applies to {type(algorithm).__name__}'s "
@@ -327,6 +338,8 @@ class Simulation:
                 tensor = result.uplink[name]
                 if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
                     tensor = tensor.detach().to("cpu", torch.float32)
+                if self.attack is not None and name == self.algorithm.main_stream:
+                    tensor = self.attack.poison(cid, plan.round, tensor)
                 if name in folds:
                     folds[name].add(tensor, weight, source=source)
                 else:

@@ -124,7 +124,7 @@ def _algorithm_lines() -> str:
 
 
 def _run_options() -> list[_RunOption]:
-    from emberfl.cli.config import ALGORITHMS, MODES
+    from emberfl.cli.config import AGGREGATOR_NAMES, ALGORITHMS, ATTACK_NAMES, MODES
     from emberfl.data import DATASET_NAMES, PARTITION_METHODS
     from emberfl.models import MODEL_NAMES
     from emberfl.selection import SELECTIONS
@@ -344,6 +344,68 @@ def _run_options() -> list[_RunOption]:
             "ALPHA",
             "perfedavg's inner (adaptation) step size (default 0.01; the outer one is --lr)",
         ),
+        (
+            "--aggregator",
+            "aggregator",
+            str,
+            AGGREGATOR_NAMES,
+            "RULE",
+            "the server's rule for the clients' updates (default: mean; the others keep "
+            "every update of a round: " + ", ".join(AGGREGATOR_NAMES[1:]) + ")",
+        ),
+        (
+            "--trim-ratio",
+            "trim_ratio",
+            float,
+            None,
+            "BETA",
+            "trimmed-mean's fraction dropped at each end, in [0, 0.5) (default 0.1)",
+        ),
+        (
+            "--byzantine-f",
+            "byzantine_f",
+            int,
+            None,
+            "F",
+            "krum's, multi-krum's and bulyan's Byzantine clients per round (default: the "
+            "expected malicious clients per round; krum needs 2F+3 clients per round, "
+            "bulyan 4F+3)",
+        ),
+        (
+            "--clip-norm",
+            "clip_norm",
+            float,
+            None,
+            "C",
+            "clipped-mean's bound on each update's L2 norm (required with it)",
+        ),
+        (
+            "--attack",
+            "attack",
+            str,
+            ATTACK_NAMES,
+            "NAME",
+            "simulated Byzantine clients: label-flip (train on y -> C-1-y), sign-flip (send "
+            "-S x delta), gaussian (send noise), scale (send S x delta); default none",
+        ),
+        (
+            "--malicious-fraction",
+            "malicious_fraction",
+            float,
+            None,
+            "F",
+            "fraction of the clients that attack (a set fixed for the run, drawn from the "
+            "seed; required with --attack)",
+        ),
+        (
+            "--attack-scale",
+            "attack_scale",
+            float,
+            None,
+            "S",
+            "sign-flip's factor (default 4) and scale's (default 10)",
+        ),
+        ("--attack-std", "attack_std", float, None, "STD", "gaussian's std (default 1)"),
         (
             "--client-test-fraction",
             "client_test_fraction",

@@ -33,18 +33,39 @@ from emberfl.errors import ConfigError
 from emberfl.models import MODEL_NAMES
 from emberfl.selection import SELECTIONS
 
+AGGREGATOR_NAMES = (
+    "mean",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multi-krum",
+    "bulyan",
+    "geometric-median",
+    "clipped-mean",
+)
+"""The server's rules (``--aggregator``; :data:`emberfl.aggregation.AGGREGATORS`)."""
+ATTACK_NAMES = ("none", "label-flip", "sign-flip", "gaussian", "scale")
+"""Simulated attacks (``--attack``; :mod:`emberfl.attacks`)."""
+_KRUM_FAMILY = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # needs m >= factor * f + 3
+
 if TYPE_CHECKING:
+    from emberfl.aggregation import Aggregator
     from emberfl.algorithms import Algorithm
+    from emberfl.attacks import Attack
 
 __all__ = [
+    "AGGREGATOR_NAMES",
     "ALGORITHMS",
+    "ATTACK_NAMES",
     "DEFAULT_CLIENT_TIMEOUT",
     "MODES",
     "PARTITION_OPTIONS",
     "RESUME_OVERRIDABLE",
     "ALGORITHM_OPTIONS",
     "RunConfig",
+    "build_aggregator",
     "build_algorithm",
+    "build_attack",
     "check_keys",
     "config_to_toml",
     "load_config_file",
@@ -202,6 +223,19 @@ class RunConfig:
             ``client_test_accuracy`` (the global model on the clients' own tests) and,
             for personalised algorithms, ``personal_test_accuracy`` (each client's own
             model on its test).
+        aggregator: The server's rule for the main stream (:data:`AGGREGATOR_NAMES`;
+            every rule but ``mean`` keeps all of a round's updates).
+        trim_ratio: ``trimmed-mean``'s fraction trimmed at each end (``None``: 0.1).
+        byzantine_f: ``krum``'s, ``multi-krum``'s and ``bulyan``'s ``f``, the Byzantine
+            clients per round they tolerate (``None``: the expected malicious clients
+            per round, ``round(malicious_fraction * clients per round)``, or 0).
+        clip_norm: ``clipped-mean``'s bound on each update's L2 norm (required there).
+        attack: Simulated Byzantine clients (:data:`ATTACK_NAMES`, :mod:`emberfl.attacks`).
+        malicious_fraction: The fraction of the federation that is malicious, a set fixed
+            for the run (required with an attack).
+        attack_scale: The factor of ``sign-flip`` (which sends ``-S * delta``; ``None``: 4)
+            and ``scale`` (``S * delta``; ``None``: 10).
+        attack_std: The ``gaussian`` attack's standard deviation (``None``: 1).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -258,6 +292,14 @@ class RunConfig:
     ifca_clusters: int | None = None
     perfedavg_alpha: float | None = None
     client_test_fraction: float | None = None
+    aggregator: str = "mean"
+    trim_ratio: float | None = None
+    byzantine_f: int | None = None
+    clip_norm: float | None = None
+    attack: str = "none"
+    malicious_fraction: float | None = None
+    attack_scale: float | None = None
+    attack_std: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -355,6 +397,7 @@ class RunConfig:
                 "client_test_fraction must be > 0 (its default is 0.2)"
             )
         _check_choice("client_selection", self.client_selection, SELECTIONS)
+        self._validate_robustness()
         if self.poc_candidates is not None:
             if self.client_selection != "power-of-choice":
                 raise ConfigError(
@@ -403,6 +446,67 @@ class RunConfig:
                     f"hidden_sizes sets the widths of model 'mlp'; model {self.model!r} does not "
                     "use it"
                 )
+
+    def _validate_robustness(self) -> None:
+        _check_choice("aggregator", self.aggregator, AGGREGATOR_NAMES)
+        _check_choice("attack", self.attack, ATTACK_NAMES)
+        owners = {
+            "trim_ratio": ("aggregator", ("trimmed-mean",)),
+            "byzantine_f": ("aggregator", tuple(_KRUM_FAMILY)),
+            "clip_norm": ("aggregator", ("clipped-mean",)),
+            "attack_scale": ("attack", ("sign-flip", "scale")),
+            "attack_std": ("attack", ("gaussian",)),
+        }
+        for key, (owner, names) in owners.items():
+            if getattr(self, key) is not None and getattr(self, owner) not in names:
+                listed = " or ".join(repr(n) for n in names)
+                raise ConfigError(
+                    f"{key} (set to {getattr(self, key)}) is an option of {owner} {listed}, "
+                    f"not {getattr(self, owner)!r}"
+                )
+        if self.trim_ratio is not None and not (
+            math.isfinite(self.trim_ratio) and 0 <= self.trim_ratio < 0.5
+        ):
+            raise ConfigError(f"trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
+        if self.aggregator == "clipped-mean" and self.clip_norm is None:
+            raise ConfigError("aggregator 'clipped-mean' needs clip_norm (--clip-norm C)")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if self.attack == "none":
+            if self.malicious_fraction is not None:
+                raise ConfigError(
+                    f"malicious_fraction (set to {self.malicious_fraction}) needs an attack "
+                    "(--attack label-flip, sign-flip, gaussian or scale)"
+                )
+        elif self.malicious_fraction is None:
+            raise ConfigError(
+                f"attack {self.attack!r} needs malicious clients: set malicious_fraction "
+                "(--malicious-fraction F)"
+            )
+        else:
+            from emberfl.attacks import malicious_clients
+
+            malicious_clients(self.seed, self.num_clients, float(self.malicious_fraction))
+        f = self.robust_f()
+        if f < 0:
+            raise ConfigError(f"byzantine_f must be >= 0, got {f}")
+        factor = _KRUM_FAMILY.get(self.aggregator)
+        m = self.clients_per_round()
+        if factor is not None and not (m == 1 and f == 0) and m < factor * f + 3:
+            raise ConfigError(
+                f"aggregator {self.aggregator!r} with byzantine_f={f} needs at least "
+                f"{factor}f + 3 = {factor * f + 3} clients per round, got {m}; sample more "
+                f"clients per round or lower byzantine_f"
+            )
+        build_attack(self)
+
+    def robust_f(self) -> int:
+        """Return ``byzantine_f`` with its default filled in."""
+        if self.byzantine_f is not None:
+            return int(self.byzantine_f)
+        if self.attack == "none" or self.malicious_fraction is None:
+            return 0
+        return round(float(self.malicious_fraction) * self.clients_per_round())
 
     def test_fraction(self) -> float:
         """Return ``client_test_fraction`` with its default filled in."""
@@ -469,6 +573,14 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ifca_clusters": (int,),
     "perfedavg_alpha": (float, int),
     "client_test_fraction": (float, int),
+    "aggregator": (str,),
+    "trim_ratio": (float, int),
+    "byzantine_f": (int,),
+    "clip_norm": (float, int),
+    "attack": (str,),
+    "malicious_fraction": (float, int),
+    "attack_scale": (float, int),
+    "attack_std": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
@@ -493,6 +605,12 @@ _OPTIONAL = frozenset(
         "client_test_fraction",
         "adam_betas",
         "adam_eps",
+        "trim_ratio",
+        "byzantine_f",
+        "clip_norm",
+        "malicious_fraction",
+        "attack_scale",
+        "attack_std",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
@@ -618,6 +736,51 @@ def build_algorithm(config: RunConfig) -> Algorithm:
                 text = f"server_betas' {text}"
         raise ConfigError(text) from None
     return algorithm
+
+
+def build_aggregator(config: RunConfig) -> Aggregator:
+    """Return the server's rule ``config`` describes.
+
+    Args:
+        config: A validated configuration.
+
+    Returns:
+        The aggregator.
+    """
+    from emberfl.aggregation import AGGREGATORS
+
+    cls = AGGREGATORS[config.aggregator]
+    if config.aggregator == "trimmed-mean":
+        ratio = config.trim_ratio
+        return cls(0.1 if ratio is None else float(ratio))  # type: ignore[call-arg]
+    if config.aggregator in _KRUM_FAMILY:
+        return cls(config.robust_f())  # type: ignore[call-arg]
+    if config.aggregator == "clipped-mean":
+        return cls(float(config.clip_norm or 0.0))  # type: ignore[call-arg]
+    return cls()
+
+
+def build_attack(config: RunConfig) -> Attack | None:
+    """Return the update attack ``config`` describes (``None``: none, or a data attack).
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        The attack the simulation applies to what malicious clients send.
+    """
+    from emberfl.attacks import UPDATE_ATTACKS, Attack, malicious_clients
+
+    if config.attack not in UPDATE_ATTACKS or config.malicious_fraction is None:
+        return None
+    bad = malicious_clients(config.seed, config.num_clients, float(config.malicious_fraction))
+    return Attack(
+        config.attack,
+        bad,
+        seed=config.seed,
+        scale=None if config.attack_scale is None else float(config.attack_scale),
+        std=1.0 if config.attack_std is None else float(config.attack_std),
+    )
 
 
 def partition_options(config: RunConfig, num_samples: int) -> dict[str, float | int]:

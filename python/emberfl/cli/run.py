@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader
 
 from emberfl.algorithms import Split
 from emberfl.atomic import name_os_errors
+from emberfl.attacks import flip_labels, malicious_clients
 from emberfl.cli.checkpoint import (
     CHECKPOINT_DIR,
     STATE_FILE,
@@ -65,7 +66,9 @@ from emberfl.cli.config import (
     ALGORITHM_OPTIONS,
     RESUME_OVERRIDABLE,
     RunConfig,
+    build_aggregator,
     build_algorithm,
+    build_attack,
     config_to_toml,
     load_config_file,
     merge_config,
@@ -491,6 +494,8 @@ def _build_simulation(
         clients_per_round=config.clients_per_round(),
         selection=config.client_selection,  # type: ignore[arg-type]
         poc_candidates=config.poc_candidates,
+        aggregator=build_aggregator(config),
+        attack=build_attack(config),
     )
 
 
@@ -555,6 +560,12 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
     given["drop_stragglers"] = config.drop_stragglers
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
+    if config.aggregator != "mean":
+        algorithm += f", {config.aggregator} aggregation"
+        if config.aggregator in ("krum", "multi-krum", "bulyan"):
+            algorithm += f" (f={config.robust_f()})"
+    if config.attack != "none":
+        algorithm += f", {config.attack} attack by {config.malicious_fraction} of the clients"
     if config.client_selection != "uniform":
         algorithm += f", {config.client_selection} client selection"
         if config.poc_candidates is not None:
@@ -687,6 +698,9 @@ def run_experiment(
     pdata = TensorPartitionedDataset(
         data, parts, client_test_fraction=config.test_fraction(), seed=config.seed
     )
+    if config.attack == "label-flip" and config.malicious_fraction is not None:
+        bad = malicious_clients(config.seed, config.num_clients, float(config.malicious_fraction))
+        flip_labels(pdata, bad, data.num_classes)
     sim = _build_simulation(config, models, pdata, device)
     # The global model for evaluation and for the files; the simulation's flat state is
     # loaded into it after each round.

@@ -80,6 +80,8 @@ class TensorPartitionedDataset:
     Attributes:
         train_x: Training images.
         train_y: Training labels.
+        client_train_y: The labels the clients train on: ``train_y`` unless an attack
+            poisoned some (:func:`emberfl.attacks.flip_labels`).
         test_x: Test images.
         test_y: Test labels.
         client_index: One int64 tensor of training rows per client.
@@ -122,6 +124,7 @@ class TensorPartitionedDataset:
             )
         self.train_x = data.train_x
         self.train_y = data.train_y
+        self.client_train_y = data.train_y
         self.test_x = data.test_x
         self.test_y = data.test_y
         self.client_test_fraction = float(client_test_fraction)
@@ -174,7 +177,7 @@ class TensorPartitionedDataset:
             return TensorSplit(self.test_x, self.test_y, None)
         if cid is None:
             return TensorSplit(self.train_x, self.train_y, None)
-        return TensorSplit(self.train_x, self.train_y, self.client_index[cid])
+        return TensorSplit(self.train_x, self.client_train_y, self.client_index[cid])
 
     def held_out_loader(self, batch_size: int) -> DataLoader[Any]:
         """Return a loader over every client's own test split together (in client order).
