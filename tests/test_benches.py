@@ -195,8 +195,8 @@ def test_robust_bench_runs_attacked_and_clean_and_times_every_rule(tmp_path: Pat
     import bench_robust
 
     args = argparse.Namespace(
-        clients=10, rounds=2, epochs=1, batch_size=16, lr=0.05, attack="sign-flip",
-        malicious_fraction=0.2, trim_ratio=0.2, clip_norm=1.0,
+        clients=11, rounds=2, epochs=1, batch_size=16, lr=0.05, attack="sign-flip",
+        malicious_fraction=0.15, trim_ratio=0.2, clip_norm=1.0,
     )  # fmt: skip
     for rule in ("clean", "mean", "bulyan"):
         result = bench_robust.run_one(rule, 0, args, tmp_path)
