@@ -226,3 +226,13 @@ def test_every_rule_and_attack_runs_from_the_cli_and_resumes(
     assert (part / "final_model.safetensors").read_bytes() == model
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_every_robustness_option_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--aggregator", "--trim-ratio", "--byzantine-f", "--clip-norm", "--attack",
+                 "--malicious-fraction", "--attack-scale", "--attack-std"):  # fmt: skip
+        assert flag in text, flag
+    for name in ("geometric-median", "multi-krum", "label-flip", "sign-flip"):
+        assert name in text, name
