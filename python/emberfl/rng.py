@@ -49,6 +49,7 @@ class Purpose(enum.IntEnum):
     LOCAL_WORK = 10
     MALICIOUS = 11
     ATTACK = 12
+    DP_NOISE = 13
 
 
 def _check_u64(name: str, value: int) -> int:

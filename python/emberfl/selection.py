@@ -11,7 +11,10 @@ power-of-choice, of the global model), so a resumed run selects the same clients
 * ``power-of-choice`` (Cho et al., 2022, "Towards Understanding Biased Client Selection
   in Federated Learning"): ``d`` candidates drawn as ``size`` draws them, each evaluates
   the global model's loss on its training data, and the ``m`` with the highest loss train.
-  Ties go to the lower client id.
+  Ties go to the lower client id;
+* ``poisson``: every client independently with probability ``q = m / N``, so a round has
+  ``m`` clients on average (the sampling that differential privacy's accounting assumes,
+  McMahan et al., 2018); a round may have none.
 
 Every rule returns the clients sorted. Under ``size`` and ``power-of-choice`` selection
 the algorithm's own weighting still applies (FedAvg weights the selected clients by
@@ -29,9 +32,16 @@ import numpy as np
 from emberfl.errors import ConfigError, NonFiniteError
 from emberfl.rng import Purpose, stream
 
-__all__ = ["SELECTIONS", "Selection", "power_of_choice", "select_by_size", "select_uniform"]
+__all__ = [
+    "SELECTIONS",
+    "Selection",
+    "power_of_choice",
+    "select_by_size",
+    "select_poisson",
+    "select_uniform",
+]
 
-Selection = Literal["uniform", "size", "power-of-choice"]
+Selection = Literal["uniform", "size", "power-of-choice", "poisson"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 """The client-selection rules, by name (``emberfl run --client-selection``)."""
 
@@ -49,6 +59,21 @@ def select_uniform(seed: int, round_: int, num_clients: int, count: int) -> list
     _check(num_clients, count)
     draw = stream(seed, purpose=Purpose.CLIENT_SAMPLING, round=round_)
     return sorted(int(c) for c in draw.choice(num_clients, count))
+
+
+def select_poisson(seed: int, round_: int, num_clients: int, rate: float) -> list[int]:
+    """Return the clients ``k`` whose uniform draw ``u_k`` is below ``rate``, sorted.
+
+    ``u_0, ..., u_{N-1}`` come from the stream ``(seed, CLIENT_SAMPLING, round)``, so each
+    client is in the round independently with probability ``rate``.
+
+    Raises:
+        ConfigError: A rate outside ``(0, 1]``.
+    """
+    if not (math.isfinite(rate) and 0 < rate <= 1):
+        raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {rate}")
+    draw = stream(seed, purpose=Purpose.CLIENT_SAMPLING, round=round_).random(num_clients)
+    return [int(c) for c in np.flatnonzero(draw < rate)]
 
 
 def select_by_size(seed: int, round_: int, sizes: Sequence[int], count: int) -> list[int]:

@@ -71,6 +71,7 @@ from emberfl.selection import (
     Selection,
     power_of_choice,
     select_by_size,
+    select_poisson,
     select_uniform,
 )
 from emberfl.state_store import ClientStateStore, StateBacking
@@ -141,7 +142,8 @@ class Simulation:
                 with :class:`~emberfl.errors.ServerTimeoutError`. Client time limits are
                 the executor's ``client_timeout``.
             selection: How :meth:`sample_clients` picks a round's clients
-                (:mod:`emberfl.selection`: ``uniform``, ``size``, ``power-of-choice``).
+                (:mod:`emberfl.selection`: ``uniform``, ``size``, ``power-of-choice``,
+                ``poisson``: each client with probability ``clients_per_round / num_clients``).
             poc_candidates: Power-of-choice's ``d``, the clients asked for their loss
                 (default: twice the clients per round, at most all of them).
             attack: Simulated Byzantine clients (:class:`~emberfl.attacks.Attack`): what
@@ -228,6 +230,9 @@ class Simulation:
         seed, round_ = self.executor.setup.seed, self.state.round
         if self.selection == "uniform":
             return sample_clients(seed, round_, self.num_clients, self.clients_per_round)
+        if self.selection == "poisson":
+            rate = self.clients_per_round / self.num_clients
+            return select_poisson(seed, round_, self.num_clients, rate)
         sizes = self.client_sizes()
         if self.selection == "size":
             return select_by_size(seed, round_, sizes, self.clients_per_round)
@@ -426,8 +431,10 @@ class Simulation:
         for name, s in folds.items():
             means[name] = s.mean() if s.weight > 0 else torch.zeros(s.dim, dtype=torch.float32)
         for name, update_set in kept.items():
-            out = torch.empty(self.streams[name].dim, dtype=torch.float32)
-            self.aggregator.combine(update_set, out, num_threads=self.aggregation_threads)
+            out = torch.zeros(self.streams[name].dim, dtype=torch.float32)
+            if update_set.count or self.aggregator.handles_empty:
+                self.aggregator.begin_round(self.executor.setup.seed, self.state.round)
+                self.aggregator.combine(update_set, out, num_threads=self.aggregation_threads)
             means[name] = out
             weights[name] = float(sum(update_set.weights))
         return Aggregate(

@@ -163,10 +163,22 @@ class Aggregator(ABC):
         name: A short name (``"mean"``, ``"median"``, ...).
         needs_all_updates: ``False``: the executor streams updates into a weighted sum
             (:class:`Mean` only). ``True``: :meth:`combine` sees all of them at once.
+        handles_empty: Whether :meth:`combine` takes a round without updates (otherwise
+            such a round's combined update is zero).
     """
 
     name: str = "aggregator"
     needs_all_updates: bool = True
+    handles_empty: bool = False
+
+    def begin_round(self, seed: int, round: int) -> None:  # noqa: B027 - optional hook
+        """Note the experiment seed and the round about to be combined (default: nothing;
+        a rule that draws random numbers takes them from this round's streams).
+
+        Args:
+            seed: The experiment seed.
+            round: The round (0-based).
+        """
 
     @abstractmethod
     def combine(self, updates: UpdateSet, out: torch.Tensor, *, num_threads: int | None) -> None:

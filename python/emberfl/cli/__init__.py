@@ -124,7 +124,7 @@ def _algorithm_lines() -> str:
 
 
 def _run_options() -> list[_RunOption]:
-    from emberfl.cli.config import AGGREGATOR_NAMES, ALGORITHMS, ATTACK_NAMES, MODES
+    from emberfl.cli.config import AGGREGATOR_NAMES, ALGORITHMS, ATTACK_NAMES, DP_MODES, MODES
     from emberfl.data import DATASET_NAMES, PARTITION_METHODS
     from emberfl.models import MODEL_NAMES
     from emberfl.selection import SELECTIONS
@@ -406,6 +406,26 @@ def _run_options() -> list[_RunOption]:
             "sign-flip's factor (default 4) and scale's (default 10)",
         ),
         ("--attack-std", "attack_std", float, None, "STD", "gaussian's std (default 1)"),
+        (
+            "--dp",
+            "dp",
+            str,
+            DP_MODES,
+            "MODE",
+            "central: client-level differential privacy (DP-FedAvg: Poisson sampling at "
+            "--sample-ratio, clipped updates, Gaussian noise; dp_epsilon logged each round); "
+            "default none",
+        ),
+        (
+            "--dp-noise-multiplier",
+            "dp_noise_multiplier",
+            float,
+            None,
+            "SIGMA",
+            "the noise's std over the clip norm (default 1.0)",
+        ),
+        ("--dp-clip-norm", "dp_clip_norm", float, None, "C", "each update's L2 bound (default 1)"),
+        ("--dp-delta", "dp_delta", float, None, "DELTA", "delta of the reported epsilon (1e-5)"),
         (
             "--client-test-fraction",
             "client_test_fraction",

@@ -46,6 +46,8 @@ AGGREGATOR_NAMES = (
 """The server's rules (``--aggregator``; :data:`emberfl.aggregation.AGGREGATORS`)."""
 ATTACK_NAMES = ("none", "label-flip", "sign-flip", "gaussian", "scale")
 """Simulated attacks (``--attack``; :mod:`emberfl.attacks`)."""
+DP_MODES = ("none", "central")
+"""Differential privacy (``--dp``; :mod:`emberfl.privacy`)."""
 _KRUM_FAMILY = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # needs m >= factor * f + 3
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ __all__ = [
     "AGGREGATOR_NAMES",
     "ALGORITHMS",
     "ATTACK_NAMES",
+    "DP_MODES",
     "DEFAULT_CLIENT_TIMEOUT",
     "MODES",
     "PARTITION_OPTIONS",
@@ -236,6 +239,13 @@ class RunConfig:
         attack_scale: The factor of ``sign-flip`` (which sends ``-S * delta``; ``None``: 4)
             and ``scale`` (``S * delta``; ``None``: 10).
         attack_std: The ``gaussian`` attack's standard deviation (``None``: 1).
+        dp: ``"central"``: client-level differential privacy (DP-FedAvg,
+            :mod:`emberfl.privacy`: Poisson sampling of rate ``sample_ratio``, each update
+            clipped to ``dp_clip_norm``, Gaussian noise, a fixed denominator), with the
+            privacy spent logged each round as ``dp_epsilon``; ``"none"`` (default).
+        dp_noise_multiplier: DP-FedAvg's ``sigma`` (``None``: 1.0).
+        dp_clip_norm: DP-FedAvg's clipping bound ``C`` (``None``: 1.0).
+        dp_delta: The ``delta`` at which ``epsilon`` is reported (``None``: 1e-5).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -300,6 +310,10 @@ class RunConfig:
     malicious_fraction: float | None = None
     attack_scale: float | None = None
     attack_std: float | None = None
+    dp: str = "none"
+    dp_noise_multiplier: float | None = None
+    dp_clip_norm: float | None = None
+    dp_delta: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -499,6 +513,57 @@ class RunConfig:
                 f"clients per round or lower byzantine_f"
             )
         build_attack(self)
+        self._validate_privacy()
+
+    def _validate_privacy(self) -> None:
+        _check_choice("dp", self.dp, DP_MODES)
+        keys = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta")
+        if self.dp == "none":
+            for key in keys:
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"{key} (set to {getattr(self, key)}) is an option of dp 'central'"
+                    )
+            return
+        if self.aggregator != "mean":
+            raise ConfigError(
+                f"dp 'central' aggregates with its own noisy clipped sum; it does not combine "
+                f"with aggregator {self.aggregator!r}"
+            )
+        if self.client_selection != "uniform":
+            raise ConfigError(
+                "dp 'central' samples clients by Poisson sampling (each with probability "
+                f"sample_ratio), which its accounting assumes; client_selection "
+                f"{self.client_selection!r} cannot be used with it"
+            )
+        sigma, clip, delta = self.dp_parameters()
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"dp_noise_multiplier must be a positive number, got {sigma}")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"dp_clip_norm must be a positive number, got {clip}")
+        if not (math.isfinite(delta) and 0 < delta < 1):
+            raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        from emberfl.algorithms import ModelLayout
+        from emberfl.privacy import epsilon
+
+        probe = build_algorithm(self).uplink_streams(ModelLayout.of(_probe_model()))
+        if len(probe) != 1:
+            raise ConfigError(
+                f"dp 'central' privatises the one update a client sends; algorithm "
+                f"{self.algorithm!r} sends {len(probe)} ({', '.join(sorted(probe))})"
+            )
+        epsilon(sigma, self.sample_rate(), 1, delta)  # the accountant is installed
+
+    def dp_parameters(self) -> tuple[float, float, float]:
+        """Return ``(dp_noise_multiplier, dp_clip_norm, dp_delta)``, defaults filled in."""
+        sigma = 1.0 if self.dp_noise_multiplier is None else float(self.dp_noise_multiplier)
+        clip = 1.0 if self.dp_clip_norm is None else float(self.dp_clip_norm)
+        delta = 1e-5 if self.dp_delta is None else float(self.dp_delta)
+        return sigma, clip, delta
+
+    def sample_rate(self) -> float:
+        """Return the probability ``q`` that a client is in a round (``m / N``)."""
+        return self.clients_per_round() / self.num_clients
 
     def robust_f(self) -> int:
         """Return ``byzantine_f`` with its default filled in."""
@@ -581,6 +646,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "malicious_fraction": (float, int),
     "attack_scale": (float, int),
     "attack_std": (float, int),
+    "dp": (str,),
+    "dp_noise_multiplier": (float, int),
+    "dp_clip_norm": (float, int),
+    "dp_delta": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
@@ -611,6 +680,9 @@ _OPTIONAL = frozenset(
         "malicious_fraction",
         "attack_scale",
         "attack_std",
+        "dp_noise_multiplier",
+        "dp_clip_norm",
+        "dp_delta",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
@@ -738,6 +810,12 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     return algorithm
 
 
+def _probe_model() -> Any:
+    import torch
+
+    return torch.nn.Linear(2, 2)
+
+
 def build_aggregator(config: RunConfig) -> Aggregator:
     """Return the server's rule ``config`` describes.
 
@@ -749,6 +827,16 @@ def build_aggregator(config: RunConfig) -> Aggregator:
     """
     from emberfl.aggregation import AGGREGATORS
 
+    if config.dp == "central":
+        from emberfl.privacy import DPMean
+
+        sigma, clip, _ = config.dp_parameters()
+        return DPMean(
+            noise_multiplier=sigma,
+            clip_norm=clip,
+            expected_clients=float(config.clients_per_round()),
+            seed=config.seed,
+        )
     cls = AGGREGATORS[config.aggregator]
     if config.aggregator == "trimmed-mean":
         ratio = config.trim_ratio

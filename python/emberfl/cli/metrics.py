@@ -17,7 +17,9 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
   ``ifca``, ``perfedavg``), each client's own model (for ``perfedavg``: the global model
   after one adaptation step on a batch of its training data) on its own test split (all
   held-out samples together; a client that has not trained yet is judged with the global
-  model).
+  model);
+* ``dp_epsilon``: with ``dp = "central"``, the privacy spent after this round at
+  ``dp_delta`` (:func:`emberfl.privacy.epsilon`); absent otherwise.
 """
 
 from __future__ import annotations
@@ -61,10 +63,14 @@ METRIC_FIELDS: tuple[str, ...] = (
     "client_loss",
     "client_test_accuracy",
     "personal_test_accuracy",
+    "dp_epsilon",
 )
 """The keys of a metrics row, in CSV column order."""
-OPTIONAL_FIELDS: frozenset[str] = frozenset({"client_test_accuracy", "personal_test_accuracy"})
-"""Keys a row has only when clients hold test splits of their own (empty CSV cells else)."""
+OPTIONAL_FIELDS: frozenset[str] = frozenset(
+    {"client_test_accuracy", "personal_test_accuracy", "dp_epsilon"}
+)
+"""Keys a row has only when clients hold test splits of their own, or with differential
+privacy (empty CSV cells else)."""
 TRAIN_EVAL_SAMPLES = 10_000
 """The most training samples the global model is evaluated on after each round."""
 
@@ -199,6 +205,7 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
         ("test acc", "test_accuracy", "pct"),
         ("own-test acc", "client_test_accuracy", "pct"),
         ("personal acc", "personal_test_accuracy", "pct"),
+        ("epsilon", "dp_epsilon", "float"),
         ("time (s)", "wall_time_s", "time"),
     )
     # The clients' own-test columns only when the run has them.
@@ -224,6 +231,8 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
             f"{_fmt(last.get('round'), 'int')} rounds (best {_fmt(best_acc, 'pct')} at round "
             f"{best_round}), {_fmt(last.get('wall_time_s'), 'time')} s"
         )
+    if isinstance(last.get("dp_epsilon"), int | float):
+        lines.append(f"privacy spent: epsilon {last['dp_epsilon']:.3f} (client-level DP)")
     for key, what in (
         ("client_test_accuracy", "global model on the clients' own tests"),
         ("personal_test_accuracy", "personal models on their own tests"),

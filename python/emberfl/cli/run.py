@@ -94,6 +94,7 @@ from emberfl.evaluation import evaluate
 from emberfl.executors import ClientSetup, make_executor
 from emberfl.models import Models
 from emberfl.nn import use_fast_layers
+from emberfl.privacy import epsilon
 from emberfl.reproducibility import RNGSuite, create_rng_suite
 from emberfl.rng import Purpose, stream
 from emberfl.simulation import Simulation
@@ -492,7 +493,7 @@ def _build_simulation(
         executor,
         num_clients=config.num_clients,
         clients_per_round=config.clients_per_round(),
-        selection=config.client_selection,  # type: ignore[arg-type]
+        selection="poisson" if config.dp == "central" else config.client_selection,  # type: ignore[arg-type]
         poc_candidates=config.poc_candidates,
         aggregator=build_aggregator(config),
         attack=build_attack(config),
@@ -564,6 +565,12 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         algorithm += f", {config.aggregator} aggregation"
         if config.aggregator in ("krum", "multi-krum", "bulyan"):
             algorithm += f" (f={config.robust_f()})"
+    if config.dp == "central":
+        sigma, clip, delta = config.dp_parameters()
+        algorithm += (
+            f", client-level DP (sigma {sigma}, clip {clip}, delta {delta:g}, Poisson sampling "
+            f"q={config.sample_rate():.3g})"
+        )
     if config.attack != "none":
         algorithm += f", {config.attack} attack by {config.malicious_fraction} of the clients"
     if config.client_selection != "uniform":
@@ -772,6 +779,9 @@ def run_experiment(
                 }
                 if pdata.has_client_tests:
                     row.update(_client_test_metrics(sim, model, pdata, device))
+                if config.dp == "central":
+                    sigma, _, delta = config.dp_parameters()
+                    row["dp_epsilon"] = epsilon(sigma, config.sample_rate(), sim.round, delta)
                 metrics.append(row)
                 log.append(row)
                 every = config.checkpoint_every
