@@ -204,3 +204,21 @@ def test_robust_bench_runs_attacked_and_clean_and_times_every_rule(tmp_path: Pat
     rules = ["mean", "median", "krum", "bulyan", "geometric-median", "clipped-mean"]
     seconds = bench_robust.aggregation_cost(12, 1000, 1, rules)
     assert set(seconds) == set(rules) and all(v >= 0 for v in seconds.values())
+
+
+def test_privacy_bench_records_accuracy_and_epsilon(tmp_path: Path) -> None:
+    """The privacy bench's runs carry the epsilon the summary reports."""
+    import argparse
+
+    import bench_privacy
+
+    from emberfl.privacy import epsilon
+
+    args = argparse.Namespace(
+        clients=20, sample_ratio=0.3, rounds=2, epochs=1, batch_size=16, lr=0.1,
+        clip_norm=1.0, delta=1e-3,
+    )  # fmt: skip
+    plain = bench_privacy.run_one("none", 0, args, tmp_path)
+    assert plain["epsilon"] is None and 0 <= plain["final_accuracy"] <= 1
+    private = bench_privacy.run_one("1.5", 0, args, tmp_path)
+    assert private["epsilon"] == epsilon(1.5, 0.3, 2, 1e-3)
