@@ -22,6 +22,7 @@ from dp_accounting import rdp
 from emberfl.aggregation import Mean, UpdateSet
 from emberfl.algorithms import FedAvg, ModelLayout, StreamSpec
 from emberfl.cli import main
+from emberfl.errors import InvalidArgumentError
 from emberfl.executors import ClientSetup, make_executor
 from emberfl.privacy import DPMean, epsilon
 from emberfl.rng import Purpose
@@ -178,6 +179,21 @@ def test_the_cli_logs_epsilon_every_round_and_resumes_bitwise(tmp_path: Path) ->
         (["--dp", "central", "--client-selection", "size"], "cannot be used with it"),
         (["--dp", "central", "--algorithm", "scaffold"], "algorithm 'scaffold' sends 2"),
         (["--dp", "local"], "invalid choice: 'local'"),
+        (["--dp-adaptive-clip-quantile", "0.5"], "is an option of dp 'central'"),
+        (["--dp", "central", "--dp-adaptive-clip-quantile", "1.5"], "quantile must be in (0, 1)"),
+        (
+            [
+                "--dp",
+                "central",
+                "--dp-adaptive-clip-quantile",
+                "0.5",
+                "--num-clients",
+                "20",
+                "--dp-noise-multiplier",
+                "1",
+            ],
+            "must exceed noise_multiplier / 2",
+        ),
     ],
 )
 def test_bad_privacy_options_are_one_line_usage_errors(
@@ -193,5 +209,63 @@ def test_bad_privacy_options_are_one_line_usage_errors(
 def test_every_privacy_option_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--dp ", "--dp-noise-multiplier", "--dp-clip-norm", "--dp-delta"):
+    for flag in ("--dp ", "--dp-noise-multiplier", "--dp-clip-norm", "--dp-delta",
+                 "--dp-adaptive-clip-quantile"):  # fmt: skip
         assert flag in text, flag
+
+
+# ------------------------------------------------------------------------------------------
+# Adaptive clipping (Andrew et al., 2021)
+# ------------------------------------------------------------------------------------------
+
+
+def test_adaptive_clipping_moves_the_bound_by_the_unclipped_fraction() -> None:
+    x = torch.randn(10, 100, generator=torch.Generator().manual_seed(3))
+    x *= torch.linspace(0.5, 5.0, 10)[:, None]  # norms spread from about 5 to 50
+    norms = x.double().norm(dim=1)
+    dp = DPMean(noise_multiplier=0.0, clip_norm=20.0, expected_clients=10.0, seed=SEED,
+                target_quantile=0.5, clip_lr=0.2)  # fmt: skip
+    c = 20.0
+    for round_ in range(3):
+        _combine(dp, x, round_)
+        fraction = float((norms <= c).sum()) / 10.0
+        c *= math.exp(-0.2 * (fraction - 0.5))
+        assert dp.clip_norm == pytest.approx(c, rel=1e-12)
+    for round_ in range(3, 400):  # the bound settles at the median norm
+        _combine(dp, x, round_)
+    sorted_norms = sorted(norms.tolist())
+    assert sorted_norms[4] * 0.97 <= dp.clip_norm <= sorted_norms[5] * 1.03
+
+
+def test_adaptive_clipping_splits_the_noise_multiplier() -> None:
+    d = 200_000
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(4)) * 1e-4
+    sigma, c, expected = 1.5, 0.4, 40.0  # count noise 40 / 20 = 2 > sigma / 2
+    clean = _combine(DPMean(noise_multiplier=0.0, clip_norm=c, expected_clients=expected,
+                            seed=SEED), x)  # fmt: skip
+    dp = DPMean(noise_multiplier=sigma, clip_norm=c, expected_clients=expected, seed=SEED,
+                target_quantile=0.5)  # fmt: skip
+    noise = (_combine(dp, x, round_=2) - clean).double()
+    update_sigma = (sigma**-2 - (2 * 2.0) ** -2) ** -0.5
+    assert abs(float(noise.std()) / (update_sigma * c / expected) - 1) < 0.01
+    with pytest.raises(InvalidArgumentError, match="must exceed noise_multiplier / 2"):
+        DPMean(noise_multiplier=1.2, clip_norm=1.0, expected_clients=10.0, seed=SEED,
+               target_quantile=0.5)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_the_cli_adapts_the_bound_logs_it_and_resumes_bitwise(tmp_path: Path) -> None:
+    options = [*TINY, "--num-clients", "60", "--dp", "central", "--dp-noise-multiplier", "0.5",
+               "--dp-clip-norm", "0.05", "--dp-adaptive-clip-quantile", "0.5",
+               "--checkpoint-every", "1"]  # fmt: skip
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["run", *options, "--rounds", "4", "--output-dir", str(whole)]) == 0
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    bounds = [r["dp_clip_norm"] for r in rows]
+    assert bounds[0] != 0.05 and len(set(bounds)) == 4  # it moves every round
+    assert main(["run", *options, "--rounds", "2", "--output-dir", str(part)]) == 0
+    assert main(["run", "--resume", str(part), "--rounds", "4", "--quiet"]) == 0
+    model = (whole / "final_model.safetensors").read_bytes()
+    assert (part / "final_model.safetensors").read_bytes() == model
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dp_clip_norm"] for r in resumed] == bounds

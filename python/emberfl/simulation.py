@@ -474,9 +474,10 @@ class Simulation:
         """Return everything that carries over between rounds besides the round number.
 
         Returns:
-            ``server/model``, ``server/<name>`` for the algorithm's server tensors and
+            ``server/model``, ``server/<name>`` for the algorithm's server tensors,
             ``clients/<...>`` for the client state store (see
-            :meth:`~emberfl.state_store.ClientStateStore.state_tensors`).
+            :meth:`~emberfl.state_store.ClientStateStore.state_tensors`) and
+            ``aggregator/<name>`` for the aggregator's own state (an adaptive clip bound).
         """
         out = {"server/model": self.state.model.clone()}
         for name, tensor in self.state.tensors.items():
@@ -484,6 +485,8 @@ class Simulation:
         if self.client_state is not None:
             for name, tensor in self.client_state.state_tensors().items():
                 out[f"clients/{name}"] = tensor
+        for name, tensor in self.aggregator.state_tensors().items():
+            out[f"aggregator/{name}"] = tensor.clone()
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], round_: int) -> None:
@@ -513,6 +516,15 @@ class Simulation:
                     f"{tuple(current.shape)}"
                 )
             current.copy_(value)
+        own = {
+            k[len("aggregator/") :]: v for k, v in tensors.items() if k.startswith("aggregator/")
+        }
+        if set(own) != set(self.aggregator.state_tensors()):
+            raise CheckpointError(
+                f"the saved aggregator state has tensors {sorted(own)}; aggregator "
+                f"{self.aggregator.name!r} keeps {sorted(self.aggregator.state_tensors())}"
+            )
+        self.aggregator.load_state_tensors(own)
         clients = {k[len("clients/") :]: v for k, v in tensors.items() if k.startswith("clients/")}
         if self.client_state is not None:
             self.client_state.load_state_tensors(clients)

@@ -171,6 +171,13 @@ class Aggregator(ABC):
     needs_all_updates: bool = True
     handles_empty: bool = False
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Return the rule's state that carries over between rounds (default: none)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Restore :meth:`state_tensors` (default: nothing to restore)."""
+
     def begin_round(self, seed: int, round: int) -> None:  # noqa: B027 - optional hook
         """Note the experiment seed and the round about to be combined (default: nothing;
         a rule that draws random numbers takes them from this round's streams).

@@ -427,6 +427,15 @@ def _run_options() -> list[_RunOption]:
         ("--dp-clip-norm", "dp_clip_norm", float, None, "C", "each update's L2 bound (default 1)"),
         ("--dp-delta", "dp_delta", float, None, "DELTA", "delta of the reported epsilon (1e-5)"),
         (
+            "--dp-adaptive-clip-quantile",
+            "dp_adaptive_clip_quantile",
+            float,
+            None,
+            "Q",
+            "adapt the clip norm to this quantile of the update norms (Andrew 2021), starting "
+            "from --dp-clip-norm; default: a fixed clip norm",
+        ),
+        (
             "--client-test-fraction",
             "client_test_fraction",
             float,

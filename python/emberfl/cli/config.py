@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emberfl.data import DATASET_NAMES, PARTITION_METHODS
-from emberfl.errors import ConfigError
+from emberfl.errors import ConfigError, InvalidArgumentError
 from emberfl.models import MODEL_NAMES
 from emberfl.selection import SELECTIONS
 
@@ -246,6 +246,9 @@ class RunConfig:
         dp_noise_multiplier: DP-FedAvg's ``sigma`` (``None``: 1.0).
         dp_clip_norm: DP-FedAvg's clipping bound ``C`` (``None``: 1.0).
         dp_delta: The ``delta`` at which ``epsilon`` is reported (``None``: 1e-5).
+        dp_adaptive_clip_quantile: Adaptive clipping's target quantile (Andrew et al.,
+            2021; ``None``: a fixed bound ``dp_clip_norm``, which is the initial bound
+            otherwise); the bound is logged each round as ``dp_clip_norm``.
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -314,6 +317,7 @@ class RunConfig:
     dp_noise_multiplier: float | None = None
     dp_clip_norm: float | None = None
     dp_delta: float | None = None
+    dp_adaptive_clip_quantile: float | None = None
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -517,7 +521,7 @@ class RunConfig:
 
     def _validate_privacy(self) -> None:
         _check_choice("dp", self.dp, DP_MODES)
-        keys = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta")
+        keys = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_adaptive_clip_quantile")
         if self.dp == "none":
             for key in keys:
                 if getattr(self, key) is not None:
@@ -553,6 +557,10 @@ class RunConfig:
                 f"{self.algorithm!r} sends {len(probe)} ({', '.join(sorted(probe))})"
             )
         epsilon(sigma, self.sample_rate(), 1, delta)  # the accountant is installed
+        try:
+            build_aggregator(self)
+        except InvalidArgumentError as exc:
+            raise ConfigError(f"dp: {exc}") from None
 
     def dp_parameters(self) -> tuple[float, float, float]:
         """Return ``(dp_noise_multiplier, dp_clip_norm, dp_delta)``, defaults filled in."""
@@ -650,6 +658,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dp_noise_multiplier": (float, int),
     "dp_clip_norm": (float, int),
     "dp_delta": (float, int),
+    "dp_adaptive_clip_quantile": (float, int),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
@@ -683,6 +692,7 @@ _OPTIONAL = frozenset(
         "dp_noise_multiplier",
         "dp_clip_norm",
         "dp_delta",
+        "dp_adaptive_clip_quantile",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
@@ -831,11 +841,13 @@ def build_aggregator(config: RunConfig) -> Aggregator:
         from emberfl.privacy import DPMean
 
         sigma, clip, _ = config.dp_parameters()
+        quantile = config.dp_adaptive_clip_quantile
         return DPMean(
             noise_multiplier=sigma,
             clip_norm=clip,
             expected_clients=float(config.clients_per_round()),
             seed=config.seed,
+            target_quantile=None if quantile is None else float(quantile),
         )
     cls = AGGREGATORS[config.aggregator]
     if config.aggregator == "trimmed-mean":

@@ -19,7 +19,8 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
   held-out samples together; a client that has not trained yet is judged with the global
   model);
 * ``dp_epsilon``: with ``dp = "central"``, the privacy spent after this round at
-  ``dp_delta`` (:func:`emberfl.privacy.epsilon`); absent otherwise.
+  ``dp_delta`` (:func:`emberfl.privacy.epsilon`); absent otherwise;
+* ``dp_clip_norm``: with adaptive clipping, the bound the next round clips to.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ METRIC_FIELDS: tuple[str, ...] = (
     "client_test_accuracy",
     "personal_test_accuracy",
     "dp_epsilon",
+    "dp_clip_norm",
 )
 """The keys of a metrics row, in CSV column order."""
 OPTIONAL_FIELDS: frozenset[str] = frozenset(
-    {"client_test_accuracy", "personal_test_accuracy", "dp_epsilon"}
+    {"client_test_accuracy", "personal_test_accuracy", "dp_epsilon", "dp_clip_norm"}
 )
 """Keys a row has only when clients hold test splits of their own, or with differential
 privacy (empty CSV cells else)."""

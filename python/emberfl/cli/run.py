@@ -782,6 +782,8 @@ def run_experiment(
                 if config.dp == "central":
                     sigma, _, delta = config.dp_parameters()
                     row["dp_epsilon"] = epsilon(sigma, config.sample_rate(), sim.round, delta)
+                    if config.dp_adaptive_clip_quantile is not None:
+                        row["dp_clip_norm"] = float(getattr(sim.aggregator, "clip_norm", 0.0))
                 metrics.append(row)
                 log.append(row)
                 every = config.checkpoint_every
