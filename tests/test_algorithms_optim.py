@@ -455,7 +455,13 @@ def test_dropped_stragglers_are_left_out_of_the_round() -> None:
         late = [c for c in range(NUM_CLIENTS) if _straggler_epochs(c, rnd, epochs, fraction) < 3]
         before = sim.state.model.clone()
         metrics = sim.run_round(late[:2])
-        assert metrics == {"num_clients": 0.0, "num_samples": 0.0, "dropped_clients": 2.0}
+        assert metrics == {
+            "num_clients": 0.0,
+            "num_samples": 0.0,
+            "uplink_bytes": 0.0,
+            "downlink_bytes": 0.0,
+            "dropped_clients": 2.0,
+        }
         assert torch.equal(sim.state.model, before) and sim.round == rnd + 1
     with pytest.raises(ConfigError, match="drop_stragglers needs stragglers > 0"):
         FedAvg(lr=LR, drop_stragglers=True)

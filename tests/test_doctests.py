@@ -15,6 +15,7 @@ MODULES = [
     "emberfl.algorithms.fedopt",
     "emberfl.algorithms.fedprox",
     "emberfl.attacks",
+    "emberfl.compression",
 ]
 
 

@@ -13,11 +13,16 @@ __all__ = [
     "max_pool2d_forward",
     "median",
     "norms",
+    "pack_bits",
     "pairwise_sq_dists",
+    "qsgd_decode",
+    "qsgd_encode",
     "sq_dists_to",
     "philox4x32_10",
     "philox4x64_10",
+    "top_k",
     "trimmed_mean",
+    "unpack_bits",
     "weighted_mean",
 ]
 
@@ -129,3 +134,11 @@ class Accumulator:
     def sum(self, out: npt.NDArray[np.float32], *, num_threads: int) -> None: ...
     def sum64(self) -> npt.NDArray[np.float64]: ...
     def reset(self) -> None: ...
+
+def top_k(x: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.uint32]: ...
+def pack_bits(values: npt.NDArray[np.uint32], bits: int) -> bytes: ...
+def unpack_bits(data: bytes, count: int, bits: int) -> npt.NDArray[np.uint32]: ...
+def qsgd_encode(
+    x: npt.NDArray[np.float32], levels: int, uniforms: npt.NDArray[np.float64]
+) -> tuple[float, bytes]: ...
+def qsgd_decode(norm: float, data: bytes, count: int, levels: int) -> npt.NDArray[np.float32]: ...

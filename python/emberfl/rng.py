@@ -50,6 +50,7 @@ class Purpose(enum.IntEnum):
     MALICIOUS = 11
     ATTACK = 12
     DP_NOISE = 13
+    COMPRESSION = 14
 
 
 def _check_u64(name: str, value: int) -> int:

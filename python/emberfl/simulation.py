@@ -279,7 +279,10 @@ class Simulation:
         Returns:
             The round's metrics: ``num_clients`` (those that trained), the clients' metrics
             averaged with weights ``num_samples`` (``train_loss``, ``steps``, ...),
-            ``num_samples`` and, when the algorithm left some sampled clients out
+            ``num_samples``, ``uplink_bytes`` (what the clients sent: their encoded
+            payloads' length, :attr:`ClientResult.uplink_bytes`, or their streams' float32
+            size), ``downlink_bytes`` (the broadcast's float32 size times the clients)
+            and, when the algorithm left some sampled clients out
             (:meth:`Algorithm.drops`), ``dropped_clients``.
 
         Raises:
@@ -309,6 +312,8 @@ class Simulation:
                 return {
                     "num_clients": 0.0,
                     "num_samples": 0.0,
+                    "uplink_bytes": 0.0,
+                    "downlink_bytes": 0.0,
                     "dropped_clients": float(len(dropped)),
                 }
         plan = RoundPlan(
@@ -326,11 +331,13 @@ class Simulation:
         folds, kept = self._sums(len(cids))
         totals: dict[str, float] = {}
         samples = 0
+        dense_bytes = 4 * sum(spec.dim for spec in self.streams.values())
+        uplink_bytes = 0
         done = 0
         fold_s = 0.0
 
         def consume(position: int, cid: int, result: ClientResult) -> None:
-            nonlocal samples, done, fold_s
+            nonlocal samples, done, fold_s, uplink_bytes
             start = time.perf_counter()
             if position != done or cid != plan.cids[done]:
                 raise EmberflError(
@@ -351,6 +358,7 @@ class Simulation:
                     kept[name].add(tensor, weight, source=source)
             n = result.num_samples
             samples += n
+            uplink_bytes += dense_bytes if result.uplink_bytes is None else result.uplink_bytes
             for key, value in result.metrics.items():
                 if n > 0 and math.isfinite(value):
                     totals[key] = totals.get(key, 0.0) + n * value
@@ -401,7 +409,13 @@ class Simulation:
             "fold_s": fold_s,
             "server_update_s": time.perf_counter() - update_start,
         }
-        result = {"num_clients": float(len(cids)), "num_samples": float(samples)}
+        downlink = 4 * sum(t.numel() for t in plan.broadcast.values()) * len(cids)
+        result = {
+            "num_clients": float(len(cids)),
+            "num_samples": float(samples),
+            "uplink_bytes": float(uplink_bytes),
+            "downlink_bytes": float(downlink),
+        }
         if dropped:
             result["dropped_clients"] = float(len(dropped))
         return result | aggregate.metrics

@@ -24,6 +24,7 @@ from emberfl.algorithms.base import (
     StreamSpec,
     Tree,
 )
+from emberfl.algorithms.compressed import Compressed
 from emberfl.algorithms.ditto import Ditto
 from emberfl.algorithms.fedavg import FedAvg
 from emberfl.algorithms.fedbn import FedBN
@@ -44,6 +45,7 @@ __all__ = [
     "Client",
     "ClientResult",
     "ClientUpdate",
+    "Compressed",
     "Ditto",
     "FedAdagrad",
     "FedAdam",

@@ -215,12 +215,15 @@ class ClientResult:
         weights: Weights of the streams declared with ``weight="result"``.
         metrics: Numbers worth logging (``train_loss``, ``steps``, ...); the executor
             averages them over the round, weighted by ``num_samples``.
+        uplink_bytes: The bytes the client's message takes on the wire when it is
+            encoded (:mod:`emberfl.compression`); ``None``: the streams' float32 size.
     """
 
     uplink: dict[str, torch.Tensor]
     num_samples: int
     weights: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    uplink_bytes: int | None = None
 
     def weight_of(self, name: str, spec: StreamSpec) -> float:
         """Return the aggregation weight of stream ``name``."""

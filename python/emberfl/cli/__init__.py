@@ -124,7 +124,14 @@ def _algorithm_lines() -> str:
 
 
 def _run_options() -> list[_RunOption]:
-    from emberfl.cli.config import AGGREGATOR_NAMES, ALGORITHMS, ATTACK_NAMES, DP_MODES, MODES
+    from emberfl.cli.config import (
+        AGGREGATOR_NAMES,
+        ALGORITHMS,
+        ATTACK_NAMES,
+        COMPRESSION_NAMES,
+        DP_MODES,
+        MODES,
+    )
     from emberfl.data import DATASET_NAMES, PARTITION_METHODS
     from emberfl.models import MODEL_NAMES
     from emberfl.selection import SELECTIONS
@@ -436,6 +443,24 @@ def _run_options() -> list[_RunOption]:
             "from --dp-clip-norm; default: a fixed clip norm",
         ),
         (
+            "--compression",
+            "compression",
+            str,
+            COMPRESSION_NAMES,
+            "NAME",
+            "compress each client's update: topk, randk (with error feedback), qsgd, sign "
+            "(scaled sign with error feedback); uplink_bytes counts the payloads; default none",
+        ),
+        (
+            "--compression-ratio",
+            "compression_ratio",
+            float,
+            None,
+            "R",
+            "topk's and randk's fraction of entries sent, in (0, 1] (default 0.01)",
+        ),
+        ("--qsgd-levels", "qsgd_levels", int, None, "S", "qsgd's levels (default 16)"),
+        (
             "--client-test-fraction",
             "client_test_fraction",
             float,
@@ -580,6 +605,14 @@ def _add_run_parser(commands: Any) -> None:
             default=argparse.SUPPRESS,
             help=text,
         )
+    run.add_argument(
+        "--no-error-feedback",
+        dest="error_feedback",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="compressing clients drop what their payload leaves out instead of sending it "
+        "in later rounds",
+    )
     run.add_argument(
         "--drop-stragglers",
         dest="drop_stragglers",

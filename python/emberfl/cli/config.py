@@ -46,6 +46,8 @@ AGGREGATOR_NAMES = (
 """The server's rules (``--aggregator``; :data:`emberfl.aggregation.AGGREGATORS`)."""
 ATTACK_NAMES = ("none", "label-flip", "sign-flip", "gaussian", "scale")
 """Simulated attacks (``--attack``; :mod:`emberfl.attacks`)."""
+COMPRESSION_NAMES = ("none", "topk", "randk", "qsgd", "sign")
+"""Uplink compression (``--compression``; :mod:`emberfl.compression`)."""
 DP_MODES = ("none", "central")
 """Differential privacy (``--dp``; :mod:`emberfl.privacy`)."""
 _KRUM_FAMILY = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # needs m >= factor * f + 3
@@ -54,11 +56,13 @@ if TYPE_CHECKING:
     from emberfl.aggregation import Aggregator
     from emberfl.algorithms import Algorithm
     from emberfl.attacks import Attack
+    from emberfl.compression import Compressor
 
 __all__ = [
     "AGGREGATOR_NAMES",
     "ALGORITHMS",
     "ATTACK_NAMES",
+    "COMPRESSION_NAMES",
     "DP_MODES",
     "DEFAULT_CLIENT_TIMEOUT",
     "MODES",
@@ -69,6 +73,7 @@ __all__ = [
     "build_aggregator",
     "build_algorithm",
     "build_attack",
+    "build_compressor",
     "check_keys",
     "config_to_toml",
     "load_config_file",
@@ -249,6 +254,13 @@ class RunConfig:
         dp_adaptive_clip_quantile: Adaptive clipping's target quantile (Andrew et al.,
             2021; ``None``: a fixed bound ``dp_clip_norm``, which is the initial bound
             otherwise); the bound is logged each round as ``dp_clip_norm``.
+        compression: The uplink's encoding (:data:`COMPRESSION_NAMES`,
+            :mod:`emberfl.compression`): ``topk``, ``randk``, ``qsgd``, ``sign``, or ``none``.
+        compression_ratio: ``topk``'s and ``randk``'s fraction of entries sent (``None``:
+            0.01).
+        qsgd_levels: ``qsgd``'s levels ``s`` (``None``: 16).
+        error_feedback: Whether compressing clients keep what their payload left out and
+            send it later (default; ``--no-error-feedback`` turns it off).
         client_selection: How a round's clients are chosen (:mod:`emberfl.selection`:
             ``uniform``, ``size``, ``power-of-choice``).
         poc_candidates: Power-of-choice's candidates per round (``None``: twice the
@@ -318,6 +330,10 @@ class RunConfig:
     dp_clip_norm: float | None = None
     dp_delta: float | None = None
     dp_adaptive_clip_quantile: float | None = None
+    compression: str = "none"
+    compression_ratio: float | None = None
+    qsgd_levels: int | None = None
+    error_feedback: bool = True
     client_selection: str = "uniform"
     poc_candidates: int | None = None
     mode: str = "serial"
@@ -518,6 +534,23 @@ class RunConfig:
             )
         build_attack(self)
         self._validate_privacy()
+        self._validate_compression()
+
+    def _validate_compression(self) -> None:
+        _check_choice("compression", self.compression, COMPRESSION_NAMES)
+        if self.compression_ratio is not None and self.compression not in ("topk", "randk"):
+            raise ConfigError(
+                f"compression_ratio (set to {self.compression_ratio}) is an option of "
+                f"compression 'topk' or 'randk', not {self.compression!r}"
+            )
+        if self.qsgd_levels is not None and self.compression != "qsgd":
+            raise ConfigError(
+                f"qsgd_levels (set to {self.qsgd_levels}) is an option of compression 'qsgd', "
+                f"not {self.compression!r}"
+            )
+        if not self.error_feedback and self.compression == "none":
+            raise ConfigError("error_feedback = false needs a compression (there is none)")
+        build_compressor(self)
 
     def _validate_privacy(self) -> None:
         _check_choice("dp", self.dp, DP_MODES)
@@ -659,6 +692,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dp_clip_norm": (float, int),
     "dp_delta": (float, int),
     "dp_adaptive_clip_quantile": (float, int),
+    "compression": (str,),
+    "compression_ratio": (float, int),
+    "qsgd_levels": (int,),
+    "error_feedback": (bool,),
     "client_selection": (str,),
     "poc_candidates": (int,),
     "mode": (str,),
@@ -693,6 +730,8 @@ _OPTIONAL = frozenset(
         "dp_clip_norm",
         "dp_delta",
         "dp_adaptive_clip_quantile",
+        "compression_ratio",
+        "qsgd_levels",
     }
 )
 _LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
@@ -817,7 +856,38 @@ def build_algorithm(config: RunConfig) -> Algorithm:
             if text.startswith(f"{keyword} "):
                 text = f"server_betas' {text}"
         raise ConfigError(text) from None
+    compressor = build_compressor(config)
+    if compressor is not None:
+        from emberfl.algorithms import Compressed
+
+        algorithm = Compressed(algorithm, compressor, error_feedback=config.error_feedback)
     return algorithm
+
+
+def build_compressor(config: RunConfig) -> Compressor | None:
+    """Return the uplink compressor ``config`` describes (``None``: no compression).
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        The compressor.
+
+    Raises:
+        ConfigError: A ratio or level count out of range.
+    """
+    from emberfl.compression import QSGD, RandomK, ScaledSign, TopK
+
+    ratio = 0.01 if config.compression_ratio is None else float(config.compression_ratio)
+    if config.compression == "topk":
+        return TopK(ratio)
+    if config.compression == "randk":
+        return RandomK(ratio)
+    if config.compression == "qsgd":
+        return QSGD(16 if config.qsgd_levels is None else config.qsgd_levels)
+    if config.compression == "sign":
+        return ScaledSign()
+    return None
 
 
 def _probe_model() -> Any:

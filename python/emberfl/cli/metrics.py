@@ -11,6 +11,8 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
 * ``test_loss``, ``test_accuracy``: the global model after the round, on the test split;
 * ``client_loss``: the clients' own mean training loss during the round (weighted by
   their sample counts; ``null`` if no client took a step);
+* ``uplink_bytes``, ``downlink_bytes``: what the round's clients sent (their encoded
+  payloads with ``compression``, else float32 streams) and received (the broadcast);
 * ``client_test_accuracy``: with ``client_test_fraction > 0``, the global model on every
   client's own test split (all held-out samples together); absent otherwise;
 * ``personal_test_accuracy``: for personalised algorithms (``ditto``, ``fedbn``,
@@ -62,6 +64,8 @@ METRIC_FIELDS: tuple[str, ...] = (
     "test_loss",
     "test_accuracy",
     "client_loss",
+    "uplink_bytes",
+    "downlink_bytes",
     "client_test_accuracy",
     "personal_test_accuracy",
     "dp_epsilon",

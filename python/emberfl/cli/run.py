@@ -69,6 +69,7 @@ from emberfl.cli.config import (
     build_aggregator,
     build_algorithm,
     build_attack,
+    build_compressor,
     config_to_toml,
     load_config_file,
     merge_config,
@@ -565,6 +566,11 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         algorithm += f", {config.aggregator} aggregation"
         if config.aggregator in ("krum", "multi-krum", "bulyan"):
             algorithm += f" (f={config.robust_f()})"
+    if config.compression != "none":
+        compressor = build_compressor(config)
+        algorithm += f", {compressor.describe() if compressor else ''} uplink"
+        if not config.error_feedback:
+            algorithm += " without error feedback"
     if config.dp == "central":
         sigma, clip, delta = config.dp_parameters()
         algorithm += (
@@ -776,6 +782,8 @@ def run_experiment(
                     "test_loss": test_loss,
                     "test_accuracy": test_acc,
                     "client_loss": summary.get("train_loss"),
+                    "uplink_bytes": int(summary["uplink_bytes"]),
+                    "downlink_bytes": int(summary["downlink_bytes"]),
                 }
                 if pdata.has_client_tests:
                     row.update(_client_test_metrics(sim, model, pdata, device))

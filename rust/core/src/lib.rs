@@ -6,6 +6,7 @@
 pub mod accumulate;
 pub mod aggregate;
 pub mod arena;
+pub mod compress;
 pub mod error;
 pub mod maxpool;
 pub mod pool;

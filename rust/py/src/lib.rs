@@ -5,6 +5,7 @@
 
 mod accumulate;
 mod arena;
+mod compress;
 mod errors;
 mod kernels;
 mod rng;
@@ -29,6 +30,8 @@ mod _core {
     use crate::accumulate::Accumulator;
     #[pymodule_export]
     use crate::arena::Arena;
+    #[pymodule_export]
+    use crate::compress::{pack_bits, qsgd_decode, qsgd_encode, top_k, unpack_bits};
     #[pymodule_export]
     use crate::kernels::{
         max_pool2d_backward, max_pool2d_forward, median, norms, pairwise_sq_dists, sq_dists_to,
