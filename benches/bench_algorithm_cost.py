@@ -15,6 +15,14 @@ Usage:
 
 Prints one JSON record and a SUMMARY line ``mode:algorithm=ratio``. Algorithms that are
 not vectorizable are skipped in vectorized mode.
+
+``--algorithms`` also takes ``NAME+COMPRESSOR`` (``fedavg+topk:0.01``, ``fedavg+qsgd:16``,
+``fedavg+sign``): the algorithm with its uplink compressed
+(:class:`~emberfl.algorithms.Compressed`, error feedback on), to measure what compression
+adds to a round. Their records also carry ``compression_share``: the seconds the wrapper
+spends beyond the wrapped client's training (encoding, decoding, the residual) over the
+round's seconds, measured inside the same rounds (round-to-round noise on this machine is
+larger than the cost itself).
 """
 
 from __future__ import annotations
@@ -47,8 +55,41 @@ from emberfl.executors import ClientSetup, make_executor
 from emberfl.simulation import Simulation
 
 
+class _Timed:
+    """An algorithm whose ``client_update`` adds its seconds to ``seconds``."""
+
+    def __init__(self, inner: Algorithm) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def client_update(self, client: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.inner.client_update(client)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def build(name: str, lr: float, epochs: int, seed: int) -> Algorithm:
-    """Return algorithm ``name`` with its defaults and the workload's lr and epochs."""
+    """Return algorithm ``name`` with its defaults and the workload's lr and epochs
+    (``NAME+COMPRESSOR[:ARG]``: compressed)."""
+    if "+" in name:
+        from emberfl.algorithms import Compressed
+        from emberfl.compression import QSGD, RandomK, ScaledSign, TopK
+
+        base, spec = name.split("+", 1)
+        kind, _, arg = spec.partition(":")
+        makers = {
+            "topk": lambda: TopK(float(arg or 0.01)),
+            "randk": lambda: RandomK(float(arg or 0.01)),
+            "qsgd": lambda: QSGD(int(arg or 16)),
+            "sign": ScaledSign,
+        }
+        inner = _Timed(build(base, lr, epochs, seed))
+        return _Timed(Compressed(inner, makers[kind]()))  # type: ignore[arg-type,return-value]
     cls = ALGORITHMS[name]
     kwargs: dict[str, Any] = {"lr": lr, "epochs": epochs}
     if "seed" in inspect.signature(cls).parameters:
@@ -73,14 +114,27 @@ def time_rounds(
     algorithm = build(name, config.lr, epochs, config.seed)
     per_round = max(1, int(config.num_clients * config.sample_ratio))
     times = []
+    extra = []
     with Simulation(
         algorithm, executor, num_clients=config.num_clients, clients_per_round=per_round
     ) as sim:
         for _ in range(args.rounds):
+            outer = getattr(algorithm, "seconds", 0.0)
+            inner = getattr(getattr(algorithm, "inner", None), "inner", None)
+            before = getattr(inner, "seconds", 0.0)
             start = time.perf_counter()
             sim.run_round()
             times.append(time.perf_counter() - start)
+            wrapper = getattr(algorithm, "seconds", 0.0) - outer
+            extra.append(wrapper - (getattr(inner, "seconds", 0.0) - before))
+    if isinstance(algorithm, _Timed):
+        shares = [e / t for e, t in zip(extra[1:], times[1:], strict=True)]
+        LAST_SHARE[name] = statistics.fmean(shares)
     return times[1:]
+
+
+LAST_SHARE: dict[str, float] = {}
+"""The last run's ``compression_share`` per compressed algorithm name."""
 
 
 def main() -> None:
@@ -108,10 +162,12 @@ def main() -> None:
     for repeat in range(args.repeats):
         for mode in args.modes.split(","):
             for name in names:
-                if mode == "vectorized" and not ALGORITHMS[name].vectorizable:
+                if mode == "vectorized" and ("+" in name or not ALGORITHMS[name].vectorizable):
                     continue
                 times = time_rounds(name, mode, dataset, args)
                 run = {"repeat": repeat, "mode": mode, "algorithm": name, "round_s": times}
+                if name in LAST_SHARE:
+                    run["compression_share"] = round(LAST_SHARE.pop(name), 4)
                 runs.append(run)
                 print(json.dumps(run), flush=True)
     summary: dict[str, dict[str, float]] = {}
@@ -141,9 +197,18 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     print(text)
+    shares: dict[str, list[float]] = {}
+    for run in runs:
+        if "compression_share" in run:
+            shares.setdefault(run["algorithm"], []).append(run["compression_share"])
+    record["compression_share"] = {a: round(statistics.fmean(v), 4) for a, v in shares.items()}
+    text = json.dumps(record, indent=2)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
     print(
         "SUMMARY "
         + " ".join(f"{m}:{a}={v:.2f}" for m, ratios in summary.items() for a, v in ratios.items())
+        + "".join(f" share:{a}={v:.3f}" for a, v in record["compression_share"].items())
     )
 
 

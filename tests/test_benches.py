@@ -222,3 +222,33 @@ def test_privacy_bench_records_accuracy_and_epsilon(tmp_path: Path) -> None:
     assert plain["epsilon"] is None and 0 <= plain["final_accuracy"] <= 1
     private = bench_privacy.run_one("1.5", 0, args, tmp_path)
     assert private["epsilon"] == epsilon(1.5, 0.3, 2, 1e-3)
+
+
+def test_compression_bench_parses_settings_and_counts_bytes(tmp_path: Path) -> None:
+    """The compression bench's settings reach the run, and its bytes are the run's."""
+    import argparse
+
+    import bench_compression
+
+    assert bench_compression.options("topk:0.05-noef") == {
+        "compression": "topk", "error_feedback": False, "compression_ratio": 0.05,
+    }  # fmt: skip
+    args = argparse.Namespace(
+        clients=6, sample_ratio=0.5, alpha=0.5, rounds=2, epochs=1, batch_size=16, lr=0.05
+    )
+    dense = bench_compression.run_one("none", 0, args, tmp_path)
+    sparse = bench_compression.run_one("topk:0.01", 0, args, tmp_path)
+    assert 0 < sparse["uplink_bytes"] < dense["uplink_bytes"] == dense["downlink_bytes"]
+
+
+def test_cost_bench_measures_the_compression_share(data_dir: Path) -> None:
+    """A compressed algorithm's rounds report the share the wrapper adds."""
+    import argparse
+
+    import bench_algorithm_cost
+
+    dataset = fl_workload.InMemoryPartitionedDataset(fl_workload.load_workload_data(data_dir))
+    args = argparse.Namespace(preset="tiny", rounds=3)
+    times = bench_algorithm_cost.time_rounds("fedavg+qsgd:4", "serial", dataset, args)
+    assert len(times) == 2
+    assert 0 < bench_algorithm_cost.LAST_SHARE.pop("fedavg+qsgd:4") < 1

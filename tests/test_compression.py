@@ -89,7 +89,7 @@ def test_qsgd_is_stochastic_rounding_of_the_normalised_magnitudes(levels: int) -
     x64 = x.double().numpy()
     norm = float(np.float32(np.sqrt((x64**2).sum())))
     u = _philox().random(1000)
-    level = np.minimum(np.floor(levels * np.abs(x64) / np.sqrt((x64**2).sum()) + u), levels)
+    level = np.minimum(np.floor(np.abs(x64) * (levels / np.sqrt((x64**2).sum())) + u), levels)
     expected = (np.sign(x64) * level * (norm / levels)).astype(np.float32)
     assert np.array_equal(compressor.decode(payload, 1000).numpy(), expected)
 

@@ -11,7 +11,7 @@ quantisation and the bit packing run in emberfl's Rust kernels. What a round log
   cid, round)``, which the server can replay, so only ``k`` and the ``k`` float32 values
   are sent. Unscaled (with error feedback, as Stich et al., 2018).
 * :class:`QSGD` — Alistarh et al. (2017): the L2 norm (float32), then per entry a sign
-  bit and a level ``floor(s |x_i| / ||x||_2 + u_i)`` with ``u_i`` uniform from the
+  bit and a level ``floor(|x_i| (s / ||x||_2) + u_i)`` with ``u_i`` uniform from the
   client's stream (stochastic rounding, unbiased), ``1 + ceil(log2(s + 1))`` bits each.
 * :class:`ScaledSign` — Karimireddy et al. (2019): ``||x||_1 / d`` (float32) and one sign
   bit per entry.

@@ -54,24 +54,40 @@ pub fn level_bits(levels: u32) -> u32 {
     32 - levels.leading_zeros()
 }
 
-/// Pack `values`, each below `2^bits`, `bits` bits each, least significant bit first.
+/// Pack `values`, each below `2^bits` (`bits` in `1..=32`), `bits` bits each, least
+/// significant bit first.
 pub fn pack(values: &[u32], bits: u32) -> Vec<u8> {
     let total = values.len() * bits as usize;
-    let mut out = vec![0u8; total.div_ceil(8)];
-    let mut pos = 0usize;
+    let mut out = Vec::with_capacity(total.div_ceil(8));
+    let mask = if bits == 32 {
+        u64::from(u32::MAX)
+    } else {
+        (1u64 << bits) - 1
+    };
+    // At most 7 pending bits before a value is added, so 39 bits fit the accumulator.
+    let (mut acc, mut pending) = (0u64, 0u32);
     for &v in values {
-        for b in 0..bits {
-            if (v >> b) & 1 == 1 {
-                out[pos / 8] |= 1 << (pos % 8);
-            }
-            pos += 1;
+        acc |= (u64::from(v) & mask) << pending;
+        pending += bits;
+        while pending >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            pending -= 8;
         }
+    }
+    if pending > 0 {
+        out.push(acc as u8);
     }
     out
 }
 
 /// Unpack `count` values of `bits` bits each (the inverse of [`pack`]).
 pub fn unpack(bytes: &[u8], count: usize, bits: u32) -> Result<Vec<u32>> {
+    if !(1..=32).contains(&bits) {
+        return Err(Error::InvalidArgument(format!(
+            "unpack: bits={bits} is outside 1..32"
+        )));
+    }
     let total = count * bits as usize;
     if bytes.len() != total.div_ceil(8) {
         return Err(Error::InvalidArgument(format!(
@@ -80,23 +96,29 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32) -> Result<Vec<u32>> {
             bytes.len()
         )));
     }
+    let mask = if bits == 32 {
+        u64::from(u32::MAX)
+    } else {
+        (1u64 << bits) - 1
+    };
     let mut out = Vec::with_capacity(count);
-    let mut pos = 0usize;
+    let (mut acc, mut available) = (0u64, 0u32);
+    let mut next = bytes.iter();
     for _ in 0..count {
-        let mut v = 0u32;
-        for b in 0..bits {
-            if (bytes[pos / 8] >> (pos % 8)) & 1 == 1 {
-                v |= 1 << b;
-            }
-            pos += 1;
+        while available < bits {
+            // The length check above guarantees the bytes are there.
+            acc |= u64::from(*next.next().unwrap_or(&0)) << available;
+            available += 8;
         }
-        out.push(v);
+        out.push((acc & mask) as u32);
+        acc >>= bits;
+        available -= bits;
     }
     Ok(out)
 }
 
 /// QSGD (Alistarh et al., 2017) with `levels` levels: returns the L2 norm and, per
-/// element, `sign << bits | level` with `level = floor(levels |x_i| / ||x|| + u_i)`
+/// element, `sign << bits | level` with `level = floor(|x_i| (levels / ||x||) + u_i)`
 /// (stochastic rounding by the uniforms `u`), packed `bits + 1` bits each.
 pub fn qsgd_encode(x: &[f32], levels: u32, uniforms: &[f64]) -> Result<(f32, Vec<u8>)> {
     check_finite("qsgd", x)?;
@@ -116,16 +138,17 @@ pub fn qsgd_encode(x: &[f32], levels: u32, uniforms: &[f64]) -> Result<(f32, Vec
         .sum::<f64>()
         .sqrt();
     let bits = level_bits(levels);
-    let s = f64::from(levels);
+    // One division, then a multiplication per element: `|x_i| * (s / ||x||)`.
+    let per_unit = if norm > 0.0 {
+        f64::from(levels) / norm
+    } else {
+        0.0
+    };
     let codes: Vec<u32> = x
         .iter()
         .zip(uniforms)
         .map(|(&v, &u)| {
-            let level = if norm > 0.0 {
-                ((s * f64::from(v).abs() / norm + u).floor() as u32).min(levels)
-            } else {
-                0
-            };
+            let level = ((f64::from(v).abs() * per_unit + u).floor() as u32).min(levels);
             (u32::from(v.is_sign_negative() && level > 0) << bits) | level
         })
         .collect();
@@ -140,19 +163,27 @@ pub fn qsgd_decode(norm: f32, bytes: &[u8], count: usize, levels: u32) -> Result
     let bits = level_bits(levels);
     let codes = unpack(bytes, count, bits + 1)?;
     let scale = f64::from(norm) / f64::from(levels);
-    codes
+    let level_mask = (1u32 << bits) - 1;
+    let mut highest = 0u32;
+    let out: Vec<f32> = codes
         .iter()
         .map(|&c| {
-            let level = c & ((1 << bits) - 1);
-            if level > levels {
-                return Err(Error::InvalidArgument(format!(
-                    "qsgd: level {level} above {levels} in the payload"
-                )));
-            }
+            let level = c & level_mask;
+            highest = highest.max(level);
             let v = (scale * f64::from(level)) as f32;
-            Ok(if c >> bits == 1 { -v } else { v })
+            if c >> bits == 1 {
+                -v
+            } else {
+                v
+            }
         })
-        .collect()
+        .collect();
+    if highest > levels {
+        return Err(Error::InvalidArgument(format!(
+            "qsgd: level {highest} above {levels} in the payload"
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -185,10 +216,18 @@ mod tests {
 
     proptest! {
         #[test]
-        fn pack_round_trips(values in prop::collection::vec(0u32..16, 0..200)) {
-            let bytes = pack(&values, 4);
-            prop_assert_eq!(bytes.len(), (values.len() * 4).div_ceil(8));
-            prop_assert_eq!(unpack(&bytes, values.len(), 4).unwrap(), values);
+        fn pack_round_trips(values in prop::collection::vec(any::<u32>(), 0..200), bits in 1u32..=32) {
+            let values: Vec<u32> = values.into_iter().map(|v| if bits == 32 { v } else { v & ((1 << bits) - 1) }).collect();
+            let bytes = pack(&values, bits);
+            prop_assert_eq!(bytes.len(), (values.len() * bits as usize).div_ceil(8));
+            prop_assert_eq!(unpack(&bytes, values.len(), bits).unwrap(), values.clone());
+            // Bit i of the stream is bit (i % bits) of value i / bits, LSB first.
+            for (i, &v) in values.iter().enumerate().take(20) {
+                for b in 0..bits {
+                    let pos = i * bits as usize + b as usize;
+                    prop_assert_eq!((bytes[pos / 8] >> (pos % 8)) & 1, ((v >> b) & 1) as u8);
+                }
+            }
         }
 
         #[test]
