@@ -25,9 +25,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +35,11 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import mean_std, run_rows, write_record
+
 from emberfl.cli.config import RunConfig
-from emberfl.cli.run import run_experiment
 
 DEFAULT = "fedavg,scaffold,feddyn,fedprox,fedavgm,fedadam,fednova,qffl,ditto"
 
@@ -64,12 +67,8 @@ def run_one(
         **extra,
     )
     start = time.perf_counter()
-    run_experiment(config, out=io.StringIO(), progress=False)
+    rows = run_rows(config)
     wall = time.perf_counter() - start
-    rows = [
-        json.loads(line)
-        for line in (Path(config.output_dir or "") / "metrics.jsonl").read_text().splitlines()
-    ]
     result = {
         "algorithm": algorithm,
         "seed": seed,
@@ -131,33 +130,20 @@ def main() -> None:
     base = statistics.fmean(r["mean_round_s"] for r in results if r["algorithm"] == base_name)
     for algorithm in algorithms:
         mine = [r for r in results if r["algorithm"] == algorithm]
-        finals = [r["final_accuracy"] for r in mine]
+        mean, std = mean_std([r["final_accuracy"] for r in mine])
         summary[algorithm] = {
-            "final_accuracy_mean": statistics.fmean(finals),
-            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_accuracy_mean": mean,
+            "final_accuracy_std": std,
             "best_accuracy_mean": statistics.fmean(r["best_accuracy"] for r in mine),
             "round_time_vs_fedavg": statistics.fmean(r["mean_round_s"] for r in mine) / base,
         }
         for key in ("client_test_accuracy", "personal_test_accuracy"):
             values = [r[key] for r in mine if key in r]
             if values:
-                summary[algorithm][f"{key}_mean"] = statistics.fmean(values)
-                summary[algorithm][f"{key}_std"] = (
-                    statistics.stdev(values) if len(values) > 1 else 0.0
-                )
-    record = {
-        "bench": "algorithms",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__,
-        "runs": results,
-        "round_time_base": base_name,
-        "summary": summary,
-    }
-    text = json.dumps(record, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+                mean, std = mean_std(values)
+                summary[algorithm][f"{key}_mean"] = mean
+                summary[algorithm][f"{key}_std"] = std
+    write_record("algorithms", args, runs=results, round_time_base=base_name, summary=summary)
     print(
         "SUMMARY "
         + " ".join(

@@ -16,17 +16,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import mean_std, run_rows, write_record
+
 from emberfl.cli.config import RunConfig
-from emberfl.cli.run import run_experiment
 
 DEFAULT = "none,topk:0.01,topk:0.01-noef,randk:0.01,randk:0.01-noef,qsgd:16-noef,sign,sign-noef"
 
@@ -63,12 +66,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, root: Path) -> di
         quiet=True,
         **options(setting),
     )
-    config.validate()
-    run_experiment(config, out=io.StringIO(), progress=False)
-    rows = [
-        json.loads(line)
-        for line in (Path(config.output_dir or "") / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = run_rows(config)
     return {
         "setting": setting,
         "seed": seed,
@@ -107,25 +105,14 @@ def main() -> None:
     summary: dict[str, dict[str, float]] = {}
     for setting in settings:
         mine = [r for r in results if r["setting"] == setting]
-        finals = [r["final_accuracy"] for r in mine]
+        mean, std = mean_std([r["final_accuracy"] for r in mine])
         summary[setting] = {
-            "final_accuracy_mean": statistics.fmean(finals),
-            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_accuracy_mean": mean,
+            "final_accuracy_std": std,
             "uplink_bytes_mean": statistics.fmean(r["uplink_bytes"] for r in mine),
             "uplink_vs_first": statistics.fmean(r["uplink_bytes"] for r in mine) / dense,
         }
-    record = {
-        "bench": "compression",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__,
-        "runs": results,
-        "summary": summary,
-    }
-    text = json.dumps(record, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_record("compression", args, runs=results, summary=summary)
     print(
         "SUMMARY "
         + " ".join(

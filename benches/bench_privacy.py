@@ -14,17 +14,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import mean_std, run_rows, write_record
+
 from emberfl.cli.config import RunConfig
-from emberfl.cli.run import run_experiment
 
 
 def run_one(sigma: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -52,12 +55,7 @@ def run_one(sigma: str, seed: int, args: argparse.Namespace, root: Path) -> dict
         quiet=True,
         **extra,
     )
-    config.validate()
-    run_experiment(config, out=io.StringIO(), progress=False)
-    rows = [
-        json.loads(line)
-        for line in (Path(config.output_dir or "") / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = run_rows(config)
     return {
         "sigma": sigma,
         "seed": seed,
@@ -95,24 +93,13 @@ def main() -> None:
     summary: dict[str, dict[str, Any]] = {}
     for sigma in sigmas:
         mine = [r for r in results if r["sigma"] == sigma]
-        finals = [r["final_accuracy"] for r in mine]
+        mean, std = mean_std([r["final_accuracy"] for r in mine])
         summary[sigma] = {
-            "final_accuracy_mean": statistics.fmean(finals),
-            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_accuracy_mean": mean,
+            "final_accuracy_std": std,
             "epsilon": mine[0]["epsilon"],  # the same for every seed (sigma, q, rounds)
         }
-    record = {
-        "bench": "privacy",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__,
-        "runs": results,
-        "summary": summary,
-    }
-    text = json.dumps(record, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_record("privacy", args, runs=results, summary=summary)
     print(
         "SUMMARY "
         + " ".join(

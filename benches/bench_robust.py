@@ -21,9 +21,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +31,11 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import mean_std, run_rows, write_record
+
 from emberfl.cli.config import RunConfig
-from emberfl.cli.run import run_experiment
 
 DEFAULT = "clean,mean,median,trimmed-mean,krum,multi-krum,bulyan,geometric-median,clipped-mean"
 
@@ -62,14 +65,9 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, root: Path) -> dict[
         quiet=True,
         **extra,
     )
-    config.validate()
     start = time.perf_counter()
-    run_experiment(config, out=io.StringIO(), progress=False)
+    rows = run_rows(config)
     wall = time.perf_counter() - start
-    rows = [
-        json.loads(line)
-        for line in (Path(config.output_dir or "") / "metrics.jsonl").read_text().splitlines()
-    ]
     return {
         "aggregator": rule,
         "seed": seed,
@@ -151,26 +149,14 @@ def main() -> None:
     summary: dict[str, dict[str, float]] = {}
     for rule in rules:
         mine = [r for r in results if r["aggregator"] == rule]
-        finals = [r["final_accuracy"] for r in mine]
+        mean, std = mean_std([r["final_accuracy"] for r in mine])
         summary[rule] = {
-            "final_accuracy_mean": statistics.fmean(finals),
-            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_accuracy_mean": mean,
+            "final_accuracy_std": std,
             "best_accuracy_mean": statistics.fmean(r["best_accuracy"] for r in mine),
             "round_time_vs_mean": statistics.fmean(r["mean_round_s"] for r in mine) / base,
         }
-    record = {
-        "bench": "robust",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__,
-        "runs": results,
-        "round_time_base": base_name,
-        "summary": summary,
-    }
-    text = json.dumps(record, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_record("robust", args, runs=results, round_time_base=base_name, summary=summary)
     print(
         "SUMMARY "
         + " ".join(

@@ -72,26 +72,14 @@ def _ranked(scores: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.sort(scores, stable=True).indices]
 
 
-def _check_f(f: int) -> int:
-    return check_int(f, "f (Byzantine clients tolerated)", low=0)
-
-
-def _need(rule: str, m: int, f: int, factor: int) -> None:
-    if m < factor * f + 3:
-        raise InvalidArgumentError(
-            f"{rule} with f={f} needs at least {factor}f + 3 = {factor * f + 3} updates in a "
-            f"round, got {m}; sample more clients per round or lower f"
-        )
-
-
-class Krum(Aggregator):
-    """Krum: the single update closest to its ``m - f - 2`` nearest neighbours.
+class _Tolerant(Aggregator):
+    """A rule that tolerates ``f`` Byzantine updates out of ``m >= factor * f + 3``.
 
     Attributes:
         f: Byzantine clients tolerated.
     """
 
-    name = "krum"
+    factor = 2
 
     def __init__(self, f: int = 1) -> None:
         """Create the rule.
@@ -102,15 +90,41 @@ class Krum(Aggregator):
         Raises:
             InvalidArgumentError: ``f`` is not an integer >= 0.
         """
-        self.f = _check_f(f)
+        self.f = check_int(f, "f (Byzantine clients tolerated)", low=0)
+
+    def distances(self, updates: UpdateSet, *, num_threads: int | None) -> torch.Tensor | None:
+        """Return the round's pairwise squared distances, or ``None`` for a single update
+        with ``f = 0`` (its own aggregate).
+
+        Raises:
+            InvalidArgumentError: Fewer than ``factor * f + 3`` updates.
+        """
+        m = updates.count
+        if m == 1 and self.f == 0:
+            return None
+        if m < self.factor * self.f + 3:
+            raise InvalidArgumentError(
+                f"{self.name} with f={self.f} needs at least {self.factor}f + 3 = "
+                f"{self.factor * self.f + 3} updates in a round, got {m}; sample more clients "
+                "per round or lower f"
+            )
+        return kernels.pairwise_sq_dists(updates.arena, range(m), num_threads=num_threads)
+
+
+class Krum(_Tolerant):
+    """Krum: the single update closest to its ``m - f - 2`` nearest neighbours.
+
+    Attributes:
+        f: Byzantine clients tolerated.
+    """
+
+    name = "krum"
 
     def select(self, updates: UpdateSet, *, num_threads: int | None) -> list[int]:
         """Return the positions Krum keeps (one)."""
-        m = updates.count
-        if m == 1 and self.f == 0:
+        dists = self.distances(updates, num_threads=num_threads)
+        if dists is None:
             return [0]
-        _need("krum", m, self.f, 2)
-        dists = kernels.pairwise_sq_dists(updates.arena, range(m), num_threads=num_threads)
         return _ranked(krum_scores(dists, self.f))[:1]
 
     def combine(self, updates: UpdateSet, out: torch.Tensor, *, num_threads: int | None) -> None:
@@ -146,12 +160,11 @@ class MultiKrum(Krum):
         """Return the positions Multi-Krum averages, best score first."""
         m = updates.count
         k = self.k if self.k is not None else m - self.f
-        if m == 1 and self.f == 0:
-            return [0]
-        _need("multi-krum", m, self.f, 2)
         if not 1 <= k <= m:
             raise InvalidArgumentError(f"multi-krum averages k={k} of {m} updates: need 1..{m}")
-        dists = kernels.pairwise_sq_dists(updates.arena, range(m), num_threads=num_threads)
+        dists = self.distances(updates, num_threads=num_threads)
+        if dists is None:
+            return [0]
         return _ranked(krum_scores(dists, self.f))[:k]
 
     def combine(self, updates: UpdateSet, out: torch.Tensor, *, num_threads: int | None) -> None:
@@ -162,7 +175,7 @@ class MultiKrum(Krum):
         )
 
 
-class Bulyan(Aggregator):
+class Bulyan(_Tolerant):
     """Bulyan: ``theta = m - 2f`` updates picked by Krum one at a time, then the
     coordinate-wise mean of their middle ``theta - 2f`` values.
 
@@ -171,25 +184,14 @@ class Bulyan(Aggregator):
     """
 
     name = "bulyan"
-
-    def __init__(self, f: int = 1) -> None:
-        """Create the rule.
-
-        Args:
-            f: Byzantine clients tolerated (>= 0).
-
-        Raises:
-            InvalidArgumentError: ``f`` is not an integer >= 0.
-        """
-        self.f = _check_f(f)
+    factor = 4
 
     def select(self, updates: UpdateSet, *, num_threads: int | None) -> list[int]:
         """Return the ``theta`` positions Bulyan's Krum stage picks, in picking order."""
         m = updates.count
-        if m == 1 and self.f == 0:
+        dists = self.distances(updates, num_threads=num_threads)
+        if dists is None:
             return [0]
-        _need("bulyan", m, self.f, 4)
-        dists = kernels.pairwise_sq_dists(updates.arena, range(m), num_threads=num_threads)
         pool = list(range(m))
         picked: list[int] = []
         for _ in range(m - 2 * self.f):
