@@ -51,6 +51,7 @@ class Purpose(enum.IntEnum):
     ATTACK = 12
     DP_NOISE = 13
     COMPRESSION = 14
+    CLIENT_SPEED = 15
 
 
 def _check_u64(name: str, value: int) -> int:
