@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,8 +39,8 @@ import torch
 
 from emberfl.aggregation import WeightedSum
 from emberfl.algorithms.base import Algorithm, ClientResult, ModelLayout
-from emberfl.core import serialize_model
-from emberfl.errors import ConfigError, EmberflError
+from emberfl.core import deserialize_model, serialize_model
+from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.executors.base import Executor, RoundPlan
 from emberfl.rng import Purpose, stream
 
@@ -130,15 +131,26 @@ class _Task:
     start: torch.Tensor = field(compare=False)
 
 
+_STATE = "async/"
+"""Prefix of the simulation's own checkpoint tensors."""
+
+
 class AsyncSimulation:
     """Clients of a per-client algorithm reporting on a virtual clock to an async server.
+
+    The loop advances one event at a time: either the next report (the earliest
+    ``(finish time, client id)`` in flight) or, once every report due at the current time
+    is folded in and slots are free, a wave of new clients. :meth:`step` runs events until
+    the server model moves once and stops right there, so between steps the FedBuff buffer
+    is empty and the whole state is :meth:`state_tensors` (checkpoint + resume gives an
+    uninterrupted run's bits).
 
     Attributes:
         model: The flat global model.
         version: Server updates so far.
         time: The virtual time of the last event.
-        history: One record per server update (``version``, ``virtual_time_s``,
-            ``reports``, ``mean_staleness``, ``max_staleness``).
+        wave: Waves started so far (a wave's clients use the streams of round ``wave``).
+        history: One record per server update (see :meth:`step`).
         staleness: Every report's staleness, in arrival order.
     """
 
@@ -193,14 +205,24 @@ class AsyncSimulation:
         self.history: list[dict[str, float]] = []
         self.staleness: list[int] = []
         self._flight: list[_Task] = []
-        self._buffer = WeightedSum(self.layout.dim, name="delta")
-        self._since: list[int] = []
+        self._buffer: list[_Task] = []
+        self._reports: list[_Task] = []  # since the last server update
+        self._started = 0  # clients started since the last server update
+
+    @property
+    def round(self) -> int:
+        """Server updates so far (what the CLI counts as rounds)."""
+        return self.version
 
     # -- the event loop -------------------------------------------------------------------
+    def _wave_due(self) -> bool:
+        """Slots are free and no other report is due at the current time."""
+        if len(self._flight) >= self.concurrency:
+            return False
+        return not self._flight or self._flight[0].finish > self.time
+
     def _start_wave(self) -> None:
         free = self.concurrency - len(self._flight)
-        if free <= 0:
-            return
         busy = {t.cid for t in self._flight}
         idle = [c for c in range(self.num_clients) if c not in busy]
         draw = stream(self.seed, purpose=Purpose.CLIENT_SAMPLING, round=self.wave)
@@ -222,11 +244,12 @@ class AsyncSimulation:
             finish = self.time + self.clock.duration(self.seed, cid)
             heapq.heappush(self._flight, _Task(finish, cid, self.wave, self.version, result, start))
         self.wave += 1
+        self._started += len(cids)
 
     def _report(self, task: _Task) -> None:
         staleness = self.version - task.version
         self.staleness.append(staleness)
-        self._since.append(staleness)
+        self._reports.append(task)
         delta = task.result.uplink["delta"]
         if isinstance(self.server, FedAsync):
             s = self.server
@@ -235,41 +258,147 @@ class AsyncSimulation:
             self.model.mul_(1.0 - weight).add_(y, alpha=weight)
             self._updated()
             return
-        self._buffer.add(delta, float(task.result.num_samples), source=f"client {task.cid}")
-        if self._buffer.count >= self.server.buffer_size:
-            if self._buffer.weight > 0:
-                self.model.add_(self._buffer.mean(), alpha=self.server.server_lr)
-            self._buffer.reset()
+        self._buffer.append(task)
+        if len(self._buffer) >= self.server.buffer_size:
+            total = WeightedSum(self.layout.dim, name="delta", layout=self.layout.items)
+            for t in self._buffer:  # arrival order: the sum is a pure function of the events
+                total.add(t.result.uplink["delta"], float(t.result.num_samples),
+                          source=f"client {t.cid}")  # fmt: skip
+            if total.weight > 0:
+                self.model.add_(total.mean(), alpha=self.server.server_lr)
+            self._buffer = []
             self._updated()
 
     def _updated(self) -> None:
+        reports = self._reports
+        stale = [self.version - t.version for t in reports]
+        samples = [float(t.result.num_samples) for t in reports]
+        losses = [t.result.metrics.get("train_loss") for t in reports]
+        weighted = [(w, v) for w, v in zip(samples, losses, strict=True) if v is not None]
+        weight = sum(w for w, _ in weighted)
+        record: dict[str, float] = {
+            "version": float(self.version + 1),
+            "virtual_time_s": self.time,
+            "reports": float(len(reports)),
+            "mean_staleness": float(np.mean(stale)),
+            "max_staleness": float(max(stale)),
+            "num_samples": sum(samples),
+            "uplink_bytes": float(sum(_uplink_bytes(t.result) for t in reports)),
+            "downlink_bytes": float(self._started * 4 * self.layout.dim),
+        }
+        if weight > 0:
+            record["train_loss"] = sum(w * float(v) for w, v in weighted) / weight
         self.version += 1
-        self.history.append(
-            {
-                "version": float(self.version),
-                "virtual_time_s": self.time,
-                "reports": float(len(self._since)),
-                "mean_staleness": float(np.mean(self._since)),
-                "max_staleness": float(max(self._since)),
-            }
-        )
-        self._since = []
+        self.history.append(record)
+        self._reports = []
+        self._started = 0
+
+    def step(self) -> dict[str, float]:
+        """Run events until the server model moves once.
+
+        Returns:
+            The update's record: ``version``, ``virtual_time_s`` (the clock when it
+            happened), ``reports`` folded into it, their ``mean_staleness`` and
+            ``max_staleness`` (server versions since each started), ``num_samples``,
+            ``train_loss`` (their mean local loss, weighted by samples; absent if none
+            trained), ``uplink_bytes`` (what they sent) and ``downlink_bytes`` (the models
+            broadcast to the clients started since the previous update).
+        """
+        target = self.version + 1
+        while self.version < target:
+            if self._wave_due():
+                self._start_wave()
+                continue
+            task = heapq.heappop(self._flight)  # (time, cid) order
+            self.time = task.finish
+            self._report(task)
+        return self.history[-1]
 
     def run(self, updates: int) -> list[dict[str, float]]:
-        """Run until ``updates`` more server updates happened; return their records."""
-        target = self.version + updates
-        if not self._flight:
-            self._start_wave()
-        while self.version < target:
-            now = self._flight[0].finish
-            self.time = now
-            due = []
-            while self._flight and self._flight[0].finish == now:
-                due.append(heapq.heappop(self._flight))  # (time, cid) order
-            for task in due:
-                self._report(task)
-            self._start_wave()
-        return self.history[-updates:] if updates else []
+        """Run ``updates`` more server updates; return their records."""
+        return [self.step() for _ in range(updates)]
+
+    def load_global_into(self, model: torch.nn.Module) -> None:
+        """Copy the global parameters into ``model`` (same architecture)."""
+        deserialize_model(model, self.model)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Return everything that carries over between steps besides :attr:`version`.
+
+        Returns:
+            ``server/model``; ``async/clock`` (float64: time), ``async/counters`` (int64:
+            wave), ``async/staleness`` (every report's), ``async/flight`` (int64 rows:
+            cid, wave, version, samples, uplink bytes), ``async/finish`` and
+            ``async/loss`` (float64, NaN: no loss), ``async/delta/<i>`` per task in flight
+            and ``async/start/<wave>`` per wave they started in.
+        """
+        if self._buffer or self._reports:
+            raise EmberflError("the asynchronous state is saved between steps, not inside one")
+        tasks = sorted(self._flight)
+        out = {
+            "server/model": self.model.clone(),
+            f"{_STATE}clock": torch.tensor([self.time], dtype=torch.float64),
+            f"{_STATE}counters": torch.tensor([self.wave], dtype=torch.int64),
+            f"{_STATE}staleness": torch.tensor(self.staleness, dtype=torch.int64),
+            f"{_STATE}flight": torch.tensor(
+                [_task_row(t) for t in tasks], dtype=torch.int64
+            ).reshape(len(tasks), 5),
+            f"{_STATE}finish": torch.tensor([t.finish for t in tasks], dtype=torch.float64),
+            f"{_STATE}loss": torch.tensor(
+                [t.result.metrics.get("train_loss", math.nan) for t in tasks],
+                dtype=torch.float64,
+            ),
+        }
+        for i, t in enumerate(tasks):
+            out[f"{_STATE}delta/{i}"] = t.result.uplink["delta"].clone()
+            out[f"{_STATE}start/{t.wave}"] = t.start.clone()
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
+        """Restore :meth:`state_tensors` output taken after ``version`` server updates.
+
+        Raises:
+            CheckpointError: Missing or mismatching tensors.
+        """
+        try:
+            model = tensors["server/model"]
+            flight = tensors[f"{_STATE}flight"]
+            finish = tensors[f"{_STATE}finish"].tolist()
+            loss = tensors[f"{_STATE}loss"].tolist()
+            time = float(tensors[f"{_STATE}clock"][0])
+            wave = int(tensors[f"{_STATE}counters"][0])
+            staleness = [int(v) for v in tensors[f"{_STATE}staleness"].tolist()]
+            rows = [[int(v) for v in row] for row in flight.tolist()]
+            if tuple(model.shape) != (self.layout.dim,) or len(rows) != len(finish):
+                raise ValueError("shapes")
+            tasks = []
+            for i, (cid, wave_, version_, samples, sent) in enumerate(rows):
+                delta = tensors[f"{_STATE}delta/{i}"].to(torch.float32)
+                start = tensors[f"{_STATE}start/{wave_}"].to(torch.float32)
+                if delta.shape != model.shape or start.shape != model.shape:
+                    raise ValueError("shapes")
+                metrics = {} if math.isnan(loss[i]) else {"train_loss": loss[i]}
+                result = ClientResult({"delta": delta}, samples, metrics=metrics,
+                                      uplink_bytes=sent)  # fmt: skip
+                tasks.append(_Task(float(finish[i]), cid, wave_, version_, result, start))
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's asynchronous state is missing or malformed ({exc}); it was "
+                "written by another kind of run"
+            ) from None
+        if len(tasks) > self.concurrency or any(t.version > version for t in tasks):
+            raise CheckpointError(
+                f"the checkpoint holds {len(tasks)} clients in flight (concurrency "
+                f"{self.concurrency}) from versions up to {max(t.version for t in tasks)}, "
+                f"but it was taken after {version} updates"
+            )
+        self.model = model.to(torch.float32).clone()
+        self.version, self.time, self.wave = version, time, wave
+        self.staleness = staleness
+        self._flight = tasks
+        heapq.heapify(self._flight)
+        self._buffer, self._reports, self._started = [], [], 0
 
     def close(self) -> None:
         """Close the executor. Idempotent."""
@@ -282,6 +411,17 @@ class AsyncSimulation:
     def __exit__(self, *exc_info: object) -> None:
         """Call :meth:`close`."""
         self.close()
+
+
+def _task_row(task: _Task) -> list[int]:
+    result = task.result
+    return [task.cid, task.wave, task.version, result.num_samples, _uplink_bytes(result)]
+
+
+def _uplink_bytes(result: ClientResult) -> int:
+    if result.uplink_bytes is not None:
+        return int(result.uplink_bytes)
+    return sum(4 * v.numel() for v in result.uplink.values())
 
 
 def _own(result: ClientResult) -> ClientResult:

@@ -118,8 +118,17 @@ def _widths(text: str) -> list[int]:
 def _algorithm_lines() -> str:
     from emberfl.algorithms import ALGORITHMS
 
-    width = max(len(name) for name in ALGORITHMS)
-    rows = [f"  {name:<{width}}  {cls.summary}" for name, cls in ALGORITHMS.items()]
+    summaries = {name: cls.summary for name, cls in ALGORITHMS.items()}
+    summaries["fedasync"] = (
+        "FedAsync (Xie 2019): every report mixed into the model, weighted by its staleness "
+        "(asynchronous, on a virtual clock)"
+    )
+    summaries["fedbuff"] = (
+        "FedBuff (Nguyen 2022): a server step every --buffer-size reports (asynchronous, on "
+        "a virtual clock)"
+    )
+    width = max(len(name) for name in summaries)
+    rows = [f"  {name:<{width}}  {text}" for name, text in summaries.items()]
     return "algorithms (--algorithm):\n" + "\n".join(rows)
 
 
@@ -131,6 +140,7 @@ def _run_options() -> list[_RunOption]:
         COMPRESSION_NAMES,
         DP_MODES,
         MODES,
+        STALENESS_NAMES,
     )
     from emberfl.data import DATASET_NAMES, PARTITION_METHODS
     from emberfl.models import MODEL_NAMES
@@ -350,6 +360,58 @@ def _run_options() -> list[_RunOption]:
             None,
             "ALPHA",
             "perfedavg's inner (adaptation) step size (default 0.01; the outer one is --lr)",
+        ),
+        (
+            "--fedasync-alpha",
+            "fedasync_alpha",
+            float,
+            None,
+            "ALPHA",
+            "fedasync's mixing weight, in (0, 1] (default 0.6)",
+        ),
+        (
+            "--staleness",
+            "staleness",
+            str,
+            STALENESS_NAMES,
+            "FUNC",
+            "fedasync's staleness weighting: constant, polynomial ((1+s)^-a) or hinge (1 up "
+            "to b, then 1/(a(s-b)+1)); default polynomial",
+        ),
+        (
+            "--staleness-a",
+            "staleness_a",
+            float,
+            None,
+            "A",
+            "the staleness decay a (default 0.5 for polynomial, 10 for hinge)",
+        ),
+        ("--staleness-b", "staleness_b", float, None, "B", "hinge's threshold b (default 4)"),
+        (
+            "--buffer-size",
+            "buffer_size",
+            int,
+            None,
+            "K",
+            "fedbuff's reports per server update (default min(10, --concurrency))",
+        ),
+        (
+            "--concurrency",
+            "concurrency",
+            int,
+            None,
+            "N",
+            "fedasync's and fedbuff's clients in flight (default: the clients per round); "
+            "with them --rounds counts server updates",
+        ),
+        (
+            "--client-speed",
+            "client_speed",
+            str,
+            None,
+            "lognormal:MU,SIGMA",
+            "fedasync's and fedbuff's virtual seconds per client task, exp(MU + SIGMA z) with "
+            "z from each client's stream (default lognormal:0,1)",
         ),
         (
             "--aggregator",

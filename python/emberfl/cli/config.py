@@ -55,6 +55,7 @@ _KRUM_FAMILY = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # needs m >= factor * 
 if TYPE_CHECKING:
     from emberfl.aggregation import Aggregator
     from emberfl.algorithms import Algorithm
+    from emberfl.asynchronous import ClientClock, FedAsync, FedBuff
     from emberfl.attacks import Attack
     from emberfl.compression import Compressor
 
@@ -69,15 +70,19 @@ __all__ = [
     "PARTITION_OPTIONS",
     "RESUME_OVERRIDABLE",
     "ALGORITHM_OPTIONS",
+    "ASYNC_ALGORITHMS",
+    "STALENESS_NAMES",
     "RunConfig",
     "build_aggregator",
     "build_algorithm",
+    "build_async",
     "build_attack",
     "build_compressor",
     "check_keys",
     "config_to_toml",
     "load_config_file",
     "merge_config",
+    "parse_client_speed",
     "parse_client_timeout",
     "partition_options",
     "resolve_device",
@@ -91,8 +96,14 @@ def _algorithm_names() -> tuple[str, ...]:
     return tuple(TABLE)
 
 
-ALGORITHMS: tuple[str, ...] = _algorithm_names()
-"""The algorithms ``emberfl run`` can run (:data:`emberfl.algorithms.ALGORITHMS`)."""
+ASYNC_ALGORITHMS: tuple[str, ...] = ("fedasync", "fedbuff")
+"""The asynchronous algorithms (:mod:`emberfl.asynchronous`): clients report on a virtual
+clock, and a "round" of the run is one server update."""
+ALGORITHMS: tuple[str, ...] = _algorithm_names() + ASYNC_ALGORITHMS
+"""The algorithms ``emberfl run`` can run (:data:`emberfl.algorithms.ALGORITHMS` and
+:data:`ASYNC_ALGORITHMS`)."""
+STALENESS_NAMES = ("constant", "polynomial", "hinge")
+"""FedAsync's staleness functions (``--staleness``)."""
 
 MODES: tuple[str, ...] = ("serial", "thread", "process", "vectorized")
 """The execution modes: one client after another, a thread pool, worker processes, or
@@ -126,6 +137,20 @@ ALGORITHM_OPTIONS: dict[str, dict[str, str]] = {
     "fedbn": {"server_lr": "server_lr"},
     "ifca": {"server_lr": "server_lr", "ifca_clusters": "clusters"},
     "perfedavg": {"server_lr": "server_lr", "perfedavg_alpha": "alpha"},
+    "fedasync": {
+        "fedasync_alpha": "alpha",
+        "staleness": "staleness",
+        "staleness_a": "a",
+        "staleness_b": "b",
+        "concurrency": "concurrency",
+        "client_speed": "client_speed",
+    },
+    "fedbuff": {
+        "server_lr": "server_lr",
+        "buffer_size": "buffer_size",
+        "concurrency": "concurrency",
+        "client_speed": "client_speed",
+    },
 }
 """Each algorithm's own options (config key -> the algorithm's keyword); ``lr``,
 ``epochs``, ``momentum``, ``weight_decay``, ``optimizer`` (with ``adam_betas`` and
@@ -143,6 +168,13 @@ _ALL_ALGORITHM_KEYS = (
     "ditto_lambda",
     "ifca_clusters",
     "perfedavg_alpha",
+    "fedasync_alpha",
+    "staleness",
+    "staleness_a",
+    "staleness_b",
+    "buffer_size",
+    "concurrency",
+    "client_speed",
 )
 
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
@@ -225,6 +257,18 @@ class RunConfig:
         ditto_lambda: Ditto's ``lambda``, pulling personal models towards the global one.
         ifca_clusters: IFCA's number of cluster models ``k``.
         perfedavg_alpha: Per-FedAvg's inner (adaptation) step size ``alpha``.
+        fedasync_alpha: FedAsync's mixing weight ``alpha`` in ``(0, 1]`` (``None``: 0.6).
+        staleness: FedAsync's staleness function (:data:`STALENESS_NAMES`; ``None``:
+            ``polynomial``).
+        staleness_a: Its decay ``a`` (``polynomial``, ``hinge``; ``None``: 0.5 and 10).
+        staleness_b: The hinge's threshold ``b`` (``hinge``; ``None``: 4).
+        buffer_size: FedBuff's ``K``, reports per server update (``None``:
+            ``min(10, concurrency)``).
+        concurrency: ``fedasync``'s and ``fedbuff``'s clients in flight (``None``: the
+            clients per round, ``num_clients * sample_ratio``).
+        client_speed: The clients' virtual seconds per task, ``"lognormal:MU,SIGMA"``
+            (client ``k`` takes ``exp(MU + SIGMA z_k)``, ``z_k`` from its own stream;
+            ``None``: ``lognormal:0,1``).
         client_test_fraction: The fraction of each client's data held out as its own test
             split, in ``[0, 1)`` (``None``: 0.2 for personalised algorithms, ``ditto``,
             ``fedbn``, ``ifca`` and ``perfedavg``, else 0). With it, each round also logs
@@ -316,6 +360,13 @@ class RunConfig:
     ditto_lambda: float | None = None
     ifca_clusters: int | None = None
     perfedavg_alpha: float | None = None
+    fedasync_alpha: float | None = None
+    staleness: str | None = None
+    staleness_a: float | None = None
+    staleness_b: float | None = None
+    buffer_size: int | None = None
+    concurrency: int | None = None
+    client_speed: str | None = None
     client_test_fraction: float | None = None
     aggregator: str = "mean"
     trim_ratio: float | None = None
@@ -417,6 +468,8 @@ class RunConfig:
         if not (math.isfinite(self.stragglers) and 0 <= self.stragglers <= 1):
             raise ConfigError(f"stragglers must be a fraction in [0, 1], got {self.stragglers}")
         algorithm = build_algorithm(self)  # the algorithm checks its own values
+        if self.is_async():
+            self._validate_async()
         if self.mode == "vectorized" and not algorithm.vectorizable:
             raise ConfigError(
                 f"algorithm {self.algorithm!r} cannot run in vectorized mode (see its "
@@ -480,6 +533,64 @@ class RunConfig:
                     f"hidden_sizes sets the widths of model 'mlp'; model {self.model!r} does not "
                     "use it"
                 )
+
+    def is_async(self) -> bool:
+        """Whether the algorithm is asynchronous (:data:`ASYNC_ALGORITHMS`)."""
+        return self.algorithm in ASYNC_ALGORITHMS
+
+    def _validate_async(self) -> None:
+        plain = {
+            "aggregator": "mean",
+            "attack": "none",
+            "dp": "none",
+            "compression": "none",
+            "client_selection": "uniform",
+        }
+        for key, value in plain.items():
+            if getattr(self, key) != value:
+                raise ConfigError(
+                    f"algorithm {self.algorithm!r} is asynchronous: the server folds in one "
+                    f"report at a time, so {key} {getattr(self, key)!r} does not apply (it "
+                    f"needs a round's updates together); leave {key} at {value!r}"
+                )
+        if self.drop_stragglers:
+            raise ConfigError(
+                f"algorithm {self.algorithm!r} is asynchronous: slow clients report late "
+                "instead of being dropped, so drop_stragglers does not apply"
+            )
+        concurrency = self.async_concurrency()
+        if not 1 <= concurrency <= self.num_clients:
+            raise ConfigError(
+                f"concurrency must be in 1..{self.num_clients} (num_clients), got {concurrency}"
+            )
+        if self.staleness is not None:
+            _check_choice("staleness", self.staleness, STALENESS_NAMES)
+        kind = self.staleness or "polynomial"
+        if self.staleness_a is not None and kind == "constant":
+            raise ConfigError(
+                f"staleness_a (set to {self.staleness_a}) is an option of staleness "
+                "'polynomial' or 'hinge', not 'constant'"
+            )
+        if self.staleness_b is not None and kind != "hinge":
+            raise ConfigError(
+                f"staleness_b (set to {self.staleness_b}) is an option of staleness 'hinge', "
+                f"not {kind!r}"
+            )
+        for key in ("staleness_a", "staleness_b"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a number >= 0, got {value}")
+        if self.fedasync_alpha is not None and not (
+            math.isfinite(self.fedasync_alpha) and 0 < self.fedasync_alpha <= 1
+        ):
+            raise ConfigError(f"fedasync_alpha must be in (0, 1], got {self.fedasync_alpha}")
+        if self.buffer_size is not None:
+            _check_at_least("buffer_size", self.buffer_size, 1)
+        build_async(self)
+
+    def async_concurrency(self) -> int:
+        """Return ``concurrency`` with its default (the clients per round) filled in."""
+        return self.clients_per_round() if self.concurrency is None else int(self.concurrency)
 
     def _validate_robustness(self) -> None:
         _check_choice("aggregator", self.aggregator, AGGREGATOR_NAMES)
@@ -678,6 +789,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ditto_lambda": (float, int),
     "ifca_clusters": (int,),
     "perfedavg_alpha": (float, int),
+    "fedasync_alpha": (float, int),
+    "staleness": (str,),
+    "staleness_a": (float, int),
+    "staleness_b": (float, int),
+    "buffer_size": (int,),
+    "concurrency": (int,),
+    "client_speed": (str,),
     "client_test_fraction": (float, int),
     "aggregator": (str,),
     "trim_ratio": (float, int),
@@ -823,6 +941,10 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         kwargs["adam_betas"] = (float(config.adam_betas[0]), float(config.adam_betas[1]))
     if config.adam_eps is not None:
         kwargs["adam_eps"] = float(config.adam_eps)
+    if config.is_async():
+        from emberfl.algorithms import FedAvg
+
+        return FedAvg(**kwargs)  # the clients' part; the server's is build_async's
     for key, keyword in ALGORITHM_OPTIONS[config.algorithm].items():
         value = getattr(config, key)
         if value is None:
@@ -862,6 +984,62 @@ def build_algorithm(config: RunConfig) -> Algorithm:
 
         algorithm = Compressed(algorithm, compressor, error_feedback=config.error_feedback)
     return algorithm
+
+
+def parse_client_speed(text: str) -> tuple[float, float]:
+    """Parse ``lognormal:MU,SIGMA`` into ``(MU, SIGMA)``.
+
+    Raises:
+        ConfigError: For another form, a non-finite ``MU`` or a negative ``SIGMA``.
+    """
+    kind, _, rest = text.partition(":")
+    parts = rest.split(",")
+    try:
+        if kind.strip() != "lognormal" or len(parts) != 2:
+            raise ValueError(text)
+        mu, sigma = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(
+            f"client_speed must be lognormal:MU,SIGMA (e.g. lognormal:0,1), got {text!r}"
+        ) from None
+    if not (math.isfinite(mu) and math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(
+            f"client_speed lognormal:MU,SIGMA needs a finite MU and SIGMA >= 0, got {text!r}"
+        )
+    return mu, sigma
+
+
+def build_async(config: RunConfig) -> tuple[FedAsync | FedBuff, ClientClock, int]:
+    """Return the asynchronous server rule, the clients' clock and the concurrency.
+
+    Args:
+        config: A configuration of an algorithm of :data:`ASYNC_ALGORITHMS`.
+
+    Returns:
+        ``(FedAsync or FedBuff, ClientClock, concurrency)``, defaults filled in.
+
+    Raises:
+        ConfigError: A malformed ``client_speed``.
+    """
+    from emberfl.asynchronous import ClientClock, FedAsync, FedBuff
+
+    mu, sigma = parse_client_speed(config.client_speed or "lognormal:0,1")
+    concurrency = config.async_concurrency()
+    server: FedAsync | FedBuff
+    if config.algorithm == "fedasync":
+        kind = config.staleness or "polynomial"
+        default_a = 10.0 if kind == "hinge" else 0.5
+        server = FedAsync(
+            alpha=0.6 if config.fedasync_alpha is None else float(config.fedasync_alpha),
+            staleness=kind,  # type: ignore[arg-type]
+            a=default_a if config.staleness_a is None else float(config.staleness_a),
+            b=4.0 if config.staleness_b is None else float(config.staleness_b),
+        )
+    else:
+        size = min(10, concurrency) if config.buffer_size is None else int(config.buffer_size)
+        lr = 1.0 if config.server_lr is None else float(config.server_lr)
+        server = FedBuff(buffer_size=size, server_lr=lr)
+    return server, ClientClock(mu=mu, sigma=sigma), concurrency
 
 
 def build_compressor(config: RunConfig) -> Compressor | None:

@@ -22,7 +22,11 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
   model);
 * ``dp_epsilon``: with ``dp = "central"``, the privacy spent after this round at
   ``dp_delta`` (:func:`emberfl.privacy.epsilon`); absent otherwise;
-* ``dp_clip_norm``: with adaptive clipping, the bound the next round clips to.
+* ``dp_clip_norm``: with adaptive clipping, the bound the next round clips to;
+* ``virtual_time_s``, ``mean_staleness``, ``max_staleness``: asynchronous algorithms
+  (``fedasync``, ``fedbuff``), where a row is one server update: the virtual clock when it
+  happened and the staleness (server updates since each client started) of the reports
+  folded into it; ``num_clients`` counts those reports.
 """
 
 from __future__ import annotations
@@ -70,13 +74,24 @@ METRIC_FIELDS: tuple[str, ...] = (
     "personal_test_accuracy",
     "dp_epsilon",
     "dp_clip_norm",
+    "virtual_time_s",
+    "mean_staleness",
+    "max_staleness",
 )
 """The keys of a metrics row, in CSV column order."""
 OPTIONAL_FIELDS: frozenset[str] = frozenset(
-    {"client_test_accuracy", "personal_test_accuracy", "dp_epsilon", "dp_clip_norm"}
+    {
+        "client_test_accuracy",
+        "personal_test_accuracy",
+        "dp_epsilon",
+        "dp_clip_norm",
+        "virtual_time_s",
+        "mean_staleness",
+        "max_staleness",
+    }
 )
 """Keys a row has only when clients hold test splits of their own, or with differential
-privacy (empty CSV cells else)."""
+privacy, or in asynchronous runs (empty CSV cells else)."""
 TRAIN_EVAL_SAMPLES = 10_000
 """The most training samples the global model is evaluated on after each round."""
 
@@ -204,6 +219,7 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
         return "no round completed yet"
     every: tuple[tuple[str, str, str], ...] = (
         ("round", "round", "int"),
+        ("virtual s", "virtual_time_s", "time"),
         ("clients", "num_clients", "int"),
         ("train loss", "train_loss", "float"),
         ("train acc", "train_accuracy", "pct"),
@@ -212,6 +228,7 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
         ("own-test acc", "client_test_accuracy", "pct"),
         ("personal acc", "personal_test_accuracy", "pct"),
         ("epsilon", "dp_epsilon", "float"),
+        ("staleness", "mean_staleness", "time"),
         ("time (s)", "wall_time_s", "time"),
     )
     # The clients' own-test columns only when the run has them.
@@ -236,6 +253,11 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
             f"final test accuracy {_fmt(last.get('test_accuracy'), 'pct')} after "
             f"{_fmt(last.get('round'), 'int')} rounds (best {_fmt(best_acc, 'pct')} at round "
             f"{best_round}), {_fmt(last.get('wall_time_s'), 'time')} s"
+        )
+    if isinstance(last.get("virtual_time_s"), int | float):
+        lines.append(
+            f"asynchronous: {_fmt(last.get('round'), 'int')} server updates in "
+            f"{last['virtual_time_s']:.1f} virtual seconds"
         )
     if isinstance(last.get("dp_epsilon"), int | float):
         lines.append(f"privacy spent: epsilon {last['dp_epsilon']:.3f} (client-level DP)")

@@ -14,16 +14,35 @@ from typing import Any
 from emberfl.atomic import name_os_errors
 from emberfl.cli.config import unreadable_reason
 from emberfl.cli.metrics import read_metrics
-from emberfl.cli.run import CONFIG_FILE, PARTITION_CSV, file_in_the_way
+from emberfl.cli.run import (
+    CONFIG_FILE,
+    PARTITION_CSV,
+    STALENESS_CSV,
+    file_in_the_way,
+    read_staleness,
+)
 from emberfl.data import plot_partition_heatmap, read_partition_csv
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 
-__all__ = ["ACCURACY_PNG", "LOSS_PNG", "PARTITION_PNG", "plot_curves", "plot_run"]
+__all__ = [
+    "ACCURACY_PNG",
+    "ACCURACY_TIME_PNG",
+    "LOSS_PNG",
+    "PARTITION_PNG",
+    "STALENESS_PNG",
+    "plot_curves",
+    "plot_run",
+    "plot_staleness",
+]
 
 ACCURACY_PNG = "accuracy.png"
 """Train and test accuracy per round."""
 LOSS_PNG = "loss.png"
 """Train and test loss per round."""
+ACCURACY_TIME_PNG = "accuracy_time.png"
+"""Asynchronous runs: test accuracy against the virtual clock."""
+STALENESS_PNG = "staleness.png"
+"""Asynchronous runs: the histogram of the reports' staleness."""
 PARTITION_PNG = "partition.png"
 """The partition heatmap."""
 
@@ -36,6 +55,7 @@ def plot_curves(
     ylabel: str,
     title: str,
     percent: bool = False,
+    x: tuple[str, str] = ("round", "round"),
     dpi: int = 120,
 ) -> None:
     """Draw one line per metric against the round number and save it as PNG.
@@ -47,6 +67,7 @@ def plot_curves(
         ylabel: The y-axis label.
         title: The figure title.
         percent: Show values as percentages.
+        x: The x axis's ``(metric key, label)`` (the round number by default).
         dpi: The resolution.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -57,21 +78,51 @@ def plot_curves(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     scale = 100.0 if percent else 1.0
+    x_key, x_label = x
     for key, label in keys:
         points = [
-            (row["round"], scale * row[key])
+            (row[x_key], scale * row[key])
             for row in rows
-            if isinstance(row.get(key), int | float) and isinstance(row.get("round"), int)
+            if isinstance(row.get(key), int | float) and isinstance(row.get(x_key), int | float)
         ]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
-    ax.set_xlabel("round")
+    ax.set_xlabel(x_label)
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if x_key == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend()
+    ax.set_title(title)
+    with name_os_errors(path):
+        fig.savefig(os.fspath(path), format="png")
+
+
+def plot_staleness(
+    path: str | os.PathLike[str], counts: Sequence[tuple[int, int]], *, title: str, dpi: int = 120
+) -> None:
+    """Draw the reports per staleness as a bar chart and save it as PNG.
+
+    Args:
+        path: The PNG file (overwritten).
+        counts: ``(staleness, reports)`` pairs.
+        title: The figure title.
+        dpi: The resolution.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar([s for s, _ in counts], [n for _, n in counts], width=0.8)
+    ax.set_xlabel("staleness (server updates since the client started)")
+    ax.set_ylabel("reports")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title)
     with name_os_errors(path):
         fig.savefig(os.fspath(path), format="png")
@@ -88,7 +139,9 @@ def plot_run(
 
     Returns:
         The files written: ``accuracy.png`` and ``loss.png`` when the run has metrics,
-        ``partition.png`` when it has ``partition.csv``.
+        ``partition.png`` when it has ``partition.csv``; for asynchronous runs also
+        ``accuracy_time.png`` (test accuracy against the virtual clock) and
+        ``staleness.png`` (from ``staleness.csv``).
 
     Raises:
         ConfigError: If ``run_dir`` is not a run directory or ``out_dir`` cannot be created.
@@ -133,6 +186,28 @@ def plot_run(
             title=f"{name}: loss of the global model",
         )
         written += [dest / ACCURACY_PNG, dest / LOSS_PNG]
+        if any(isinstance(row.get("virtual_time_s"), int | float) for row in rows):
+            plot_curves(
+                dest / ACCURACY_TIME_PNG,
+                rows,
+                keys=[("test_accuracy", "test")],
+                ylabel="accuracy (%)",
+                title=f"{name}: accuracy against virtual time",
+                percent=True,
+                x=("virtual_time_s", "virtual time (s)"),
+            )
+            written.append(dest / ACCURACY_TIME_PNG)
+    staleness_path = run / STALENESS_CSV
+    if staleness_path.is_file():
+        try:
+            staleness = read_staleness(staleness_path)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"cannot read {staleness_path}: {unreadable_reason(exc)}; run `emberfl run "
+                f"--resume {run}` to rewrite it"
+            ) from None
+        plot_staleness(dest / STALENESS_PNG, staleness, title=f"{name}: staleness of the reports")
+        written.append(dest / STALENESS_PNG)
     csv_path = run / PARTITION_CSV
     if csv_path.is_file():
         try:

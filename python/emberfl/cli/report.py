@@ -9,7 +9,13 @@ from pathlib import Path
 from emberfl.cli.checkpoint import load_checkpoint
 from emberfl.cli.config import unreadable_reason
 from emberfl.cli.metrics import format_summary, read_metrics
-from emberfl.cli.run import CONFIG_FILE, FINAL_MODEL_FILE, PARTITION_CSV
+from emberfl.cli.run import (
+    CONFIG_FILE,
+    FINAL_MODEL_FILE,
+    PARTITION_CSV,
+    STALENESS_CSV,
+    read_staleness,
+)
 from emberfl.data import partition_stats, read_partition_csv
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 
@@ -53,8 +59,8 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
         run_dir: The run directory.
 
     Returns:
-        The configuration (as TOML), the status, the summary table and the partition
-        statistics, as text.
+        The configuration (as TOML), the status, the summary table, the partition
+        statistics and, for asynchronous runs, the staleness histogram, as text.
 
     Raises:
         ConfigError: If ``run_dir`` is not a run directory or its ``config.toml`` is not
@@ -104,4 +110,27 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
             for key, label, fmt in _STAT_LABELS
             if key in stats
         ]
+    staleness_path = run / STALENESS_CSV
+    if staleness_path.is_file():
+        parts += ["", "staleness (reports per server updates since the client started)"]
+        try:
+            parts += _histogram(read_staleness(staleness_path))
+        except (ValueError, OSError) as exc:
+            parts.append(f"  {staleness_path} is unreadable: {unreadable_reason(exc)}")
     return "\n".join(parts)
+
+
+def _histogram(counts: list[tuple[int, int]], width: int = 40) -> list[str]:
+    """Text bars, one per staleness, scaled to the largest count; mean and max below."""
+    total = sum(n for _, n in counts)
+    if total == 0:
+        return ["  no report yet"]
+    top = max(n for _, n in counts)
+    digits = len(str(max(s for s, _ in counts)))
+    rows = [
+        f"  {s:>{digits}}  {'#' * max(1 if n else 0, round(width * n / top)):<{width}}  {n}"
+        for s, n in counts
+    ]
+    mean = sum(s * n for s, n in counts) / total
+    biggest = max(s for s, n in counts if n)
+    return [*rows, f"  {total} reports, mean staleness {mean:.2f}, max {biggest}"]

@@ -22,6 +22,7 @@ Layout of a run directory::
     RUN_DIR/partition.png            heatmap of the partition
     RUN_DIR/metrics.jsonl            one JSON object per round
     RUN_DIR/metrics.csv              the same, as CSV
+    RUN_DIR/staleness.csv            asynchronous runs: reports per staleness
     RUN_DIR/checkpoint/              the last checkpoint (see emberfl.cli.checkpoint)
     RUN_DIR/final_model.safetensors  the final global model's state dict
     RUN_DIR/error.log                tracebacks of failed commands (written by emberfl.cli)
@@ -50,7 +51,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from emberfl.algorithms import Split
-from emberfl.atomic import name_os_errors
+from emberfl.asynchronous import AsyncSimulation
+from emberfl.atomic import atomic_write_text, name_os_errors
 from emberfl.attacks import flip_labels, malicious_clients
 from emberfl.cli.checkpoint import (
     CHECKPOINT_DIR,
@@ -68,6 +70,7 @@ from emberfl.cli.config import (
     RunConfig,
     build_aggregator,
     build_algorithm,
+    build_async,
     build_attack,
     build_compressor,
     config_to_toml,
@@ -105,11 +108,13 @@ __all__ = [
     "FINAL_MODEL_FILE",
     "PARTITION_CSV",
     "PARTITION_PNG",
+    "STALENESS_CSV",
     "RunResult",
     "default_run_dir",
     "file_in_the_way",
     "final_model_metadata",
     "load_run_config",
+    "read_staleness",
     "resume_config",
     "run_experiment",
 ]
@@ -122,6 +127,8 @@ PARTITION_CSV = "partition.csv"
 """The partition's class counts inside a run directory."""
 PARTITION_PNG = "partition.png"
 """The partition heatmap inside a run directory."""
+STALENESS_CSV = "staleness.csv"
+"""Asynchronous runs: how many reports arrived with each staleness, up to the checkpoint."""
 EVAL_BATCH_SIZE = 512
 """Batch size of the server-side evaluations (does not change any result)."""
 
@@ -474,7 +481,7 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], na
 
 def _build_simulation(
     config: RunConfig, models: Models, dataset: TensorPartitionedDataset, device: str
-) -> Simulation:
+) -> Simulation | AsyncSimulation:
     algorithm = build_algorithm(config)
     setup = ClientSetup(
         dataset=dataset,
@@ -489,6 +496,16 @@ def _build_simulation(
     executor = make_executor(config.mode, setup, parallelism=config.workers(), **options)
     if config.mode == "process":
         executor.start()  # type: ignore[attr-defined]
+    if config.is_async():
+        server, clock, concurrency = build_async(config)
+        return AsyncSimulation(
+            algorithm,
+            executor,
+            server,
+            num_clients=config.num_clients,
+            concurrency=concurrency,
+            clock=clock,
+        )
     return Simulation(
         algorithm,
         executor,
@@ -502,15 +519,18 @@ def _build_simulation(
 
 
 def _client_test_metrics(
-    sim: Simulation, model: torch.nn.Module, pdata: TensorPartitionedDataset, device: str
+    sim: Simulation | AsyncSimulation,
+    model: torch.nn.Module,
+    pdata: TensorPartitionedDataset,
+    device: str,
 ) -> dict[str, float]:
     """The global model (and, for personalised algorithms, each client's own model) on
     the clients' own test splits, all held-out samples together."""
     _, global_acc = evaluate(model, pdata.held_out_loader(EVAL_BATCH_SIZE), device)
     out = {"client_test_accuracy": global_acc}
-    algorithm, store = sim.algorithm, sim.client_state
-    if not algorithm.personalised:
+    if isinstance(sim, AsyncSimulation) or not sim.algorithm.personalised:
         return out
+    algorithm, store = sim.algorithm, sim.client_state
     own = copy.deepcopy(model)
     setup = sim.executor.setup
     correct = total = 0
@@ -560,6 +580,11 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         given |= {"adam_betas": config.adam_betas, "adam_eps": config.adam_eps}
     given["stragglers"] = config.stragglers
     given["drop_stragglers"] = config.drop_stragglers
+    if config.is_async():
+        server, clock, concurrency = build_async(config)
+        given = {**dataclasses.asdict(server), "concurrency": concurrency}
+        given |= {"momentum": config.momentum, "weight_decay": config.weight_decay}
+        given["client_speed"] = f"lognormal:{clock.mu:g},{clock.sigma:g}"
     shown = ", ".join(f"{k}={v}" for k, v in given.items() if v)
     algorithm = f"{config.algorithm}({shown})" if shown else config.algorithm
     if config.aggregator != "mean":
@@ -583,13 +608,39 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
         algorithm += f", {config.client_selection} client selection"
         if config.poc_candidates is not None:
             algorithm += f" of {config.poc_candidates} candidates"
+    plan = f"{config.rounds} rounds x {config.clients_per_round()} clients"
+    if config.is_async():
+        plan = f"{config.rounds} server updates, {config.async_concurrency()} clients in flight"
     return (
         f"{algorithm}: {config.model} on {data.name} ({data.num_train} train / "
-        f"{data.num_test} test), {config.num_clients} clients, {part}; {config.rounds} rounds "
-        f"x {config.clients_per_round()} clients x {config.epochs} epochs, batch "
+        f"{data.num_test} test), {config.num_clients} clients, {part}; {plan}"
+        f"{', ' if config.is_async() else ' x '}{config.epochs} epochs, batch "
         f"{config.batch_size}, lr {config.lr}; {config.mode}{workers} on {device}, "
         f"{timeout}, seed {config.seed}"
     )
+
+
+def _write_staleness(run_dir: Path, staleness: list[int]) -> None:
+    counts = np.bincount(np.asarray(staleness, dtype=np.int64)).tolist() if staleness else []
+    lines = ["staleness,reports", *(f"{s},{n}" for s, n in enumerate(counts))]
+    atomic_write_text(run_dir / STALENESS_CSV, "\n".join(lines) + "\n")
+
+
+def read_staleness(path: Path) -> list[tuple[int, int]]:
+    """Read ``staleness.csv`` as ``(staleness, reports)`` pairs.
+
+    Raises:
+        ValueError: If the file is not such a table.
+        OSError: If it cannot be read.
+    """
+    lines = path.read_text(encoding="utf-8").split()
+    if not lines or lines[0] != "staleness,reports":
+        raise ValueError(f"{path.name} lacks its staleness,reports header")
+    pairs = []
+    for line in lines[1:]:
+        left, _, right = line.partition(",")
+        pairs.append((int(left), int(right)))
+    return pairs
 
 
 def _write_partition_report(
@@ -742,6 +793,8 @@ def run_experiment(
         return elapsed_before + time.perf_counter() - started
 
     def checkpoint_now() -> None:
+        if isinstance(sim, AsyncSimulation):
+            _write_staleness(run_dir, sim.staleness)
         extra = {k: v for k, v in sim.state_tensors().items() if k != "server/model"}
         save_checkpoint(
             run_dir,
@@ -764,11 +817,15 @@ def run_experiment(
         with round_bar:
             while sim.round < config.rounds:
                 round_start = time.perf_counter()
-                cids = sim.sample_clients()
-                with bars.bar(
-                    total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
-                ) as client_bar:
-                    summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
+                if isinstance(sim, AsyncSimulation):
+                    summary = sim.step()
+                    summary["num_clients"] = summary["reports"]
+                else:
+                    cids = sim.sample_clients()
+                    with bars.bar(
+                        total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
+                    ) as client_bar:
+                        summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
                 sim.load_global_into(model)
                 test_loss, test_acc = evaluate(model, test_loader, device)
                 train_loss, train_acc = evaluate(model, train_loader, device)
@@ -785,9 +842,13 @@ def run_experiment(
                     "uplink_bytes": int(summary["uplink_bytes"]),
                     "downlink_bytes": int(summary["downlink_bytes"]),
                 }
+                if isinstance(sim, AsyncSimulation):
+                    for key in ("virtual_time_s", "mean_staleness"):
+                        row[key] = round(summary[key], 6)
+                    row["max_staleness"] = int(summary["max_staleness"])
                 if pdata.has_client_tests:
                     row.update(_client_test_metrics(sim, model, pdata, device))
-                if config.dp == "central":
+                if config.dp == "central" and isinstance(sim, Simulation):
                     sigma, _, delta = config.dp_parameters()
                     row["dp_epsilon"] = epsilon(sigma, config.sample_rate(), sim.round, delta)
                     if config.dp_adaptive_clip_quantile is not None:
