@@ -1,14 +1,18 @@
-"""Accuracy against privacy spent: DP-FedAvg at a few noise multipliers, over seeds.
+"""Accuracy against privacy spent: DP-FedAvg or local DP-SGD at a few noise multipliers.
 
 Runs ``emberfl run`` (in-process, serial mode) on the offline digits data set split IID
-over ``--clients`` clients, Poisson-sampled at rate ``--sample-ratio``, with client-level
-DP (``--dp central``, clip norm ``--clip-norm``) at each noise multiplier of ``--sigmas``
-and once without DP (``none``). Records the final test accuracy and the epsilon spent at
-``--delta`` (dp-accounting's RDP accountant); prints one JSON record and a SUMMARY line
-``sigma=accuracy+-std(eps=...)``.
+over ``--clients`` clients, at each noise multiplier of ``--sigmas`` and once without DP
+(``none``), over seeds. ``--dp central``: client-level DP (DP-FedAvg, clients
+Poisson-sampled at rate ``--sample-ratio``, each update clipped to ``--clip-norm``).
+``--dp local``: record-level DP-SGD on every client (each sample's gradient clipped to
+``--clip-norm``). Records the final test accuracy and the epsilon spent at ``--delta``
+(dp-accounting's RDP accountant; for ``local``, the worst-off client's) and, for
+``local``, the mean round time against the run without DP; prints one JSON record and a
+SUMMARY line ``sigma=accuracy+-std(eps=...)``.
 
 Usage:
-    python benches/bench_privacy.py [--sigmas none,0.5,1,2] [--seeds 0,1,2] [--out FILE]
+    python benches/bench_privacy.py [--dp central|local] [--sigmas none,0.5,1,2]
+        [--seeds 0,1,2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def run_one(sigma: str, seed: int, args: argparse.Namespace, root: Path) -> dict
     extra: dict[str, Any] = {}
     if sigma != "none":
         extra = {
-            "dp": "central",
+            "dp": args.dp,
             "dp_noise_multiplier": float(sigma),
             "dp_clip_norm": args.clip_norm,
             "dp_delta": args.delta,
@@ -62,12 +66,14 @@ def run_one(sigma: str, seed: int, args: argparse.Namespace, root: Path) -> dict
         "final_accuracy": rows[-1]["test_accuracy"],
         "epsilon": rows[-1].get("dp_epsilon"),
         "mean_clients": statistics.fmean(r["num_clients"] for r in rows),
+        "round_time_s": statistics.fmean(r["round_time_s"] for r in rows),
     }
 
 
 def main() -> None:
     """Run every noise multiplier on every seed and print the record."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--dp", choices=("central", "local"), default="central")
     parser.add_argument("--sigmas", default="none,0.3,0.5,1,2")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clients", type=int, default=100)
@@ -98,8 +104,10 @@ def main() -> None:
             "final_accuracy_mean": mean,
             "final_accuracy_std": std,
             "epsilon": mine[0]["epsilon"],  # the same for every seed (sigma, q, rounds)
+            "round_time_s": statistics.fmean(r["round_time_s"] for r in mine),
         }
-    write_record("privacy", args, runs=results, summary=summary)
+    write_record("privacy" if args.dp == "central" else "privacy-local", args,
+                 runs=results, summary=summary)  # fmt: skip
     print(
         "SUMMARY "
         + " ".join(

@@ -22,9 +22,9 @@ from dp_accounting import rdp
 from emberfl.aggregation import Mean, UpdateSet
 from emberfl.algorithms import FedAvg, ModelLayout, StreamSpec
 from emberfl.cli import main
-from emberfl.errors import InvalidArgumentError
+from emberfl.errors import ConfigError, InvalidArgumentError
 from emberfl.executors import ClientSetup, make_executor
-from emberfl.privacy import DPMean, epsilon
+from emberfl.privacy import DPMean, epsilon, noise_for_epsilon
 from emberfl.rng import Purpose
 from emberfl.selection import select_poisson
 from emberfl.simulation import Simulation
@@ -178,7 +178,14 @@ def test_the_cli_logs_epsilon_every_round_and_resumes_bitwise(tmp_path: Path) ->
         (["--dp", "central", "--aggregator", "krum"], "does not combine with aggregator 'krum'"),
         (["--dp", "central", "--client-selection", "size"], "cannot be used with it"),
         (["--dp", "central", "--algorithm", "scaffold"], "algorithm 'scaffold' sends 2"),
-        (["--dp", "local"], "invalid choice: 'local'"),
+        (["--dp", "local", "--dp-target-epsilon", "3"], "is an option of dp 'central'"),
+        (["--dp-target-epsilon", "3"], "is an option of dp 'central'"),
+        (
+            ["--dp", "central", "--dp-target-epsilon", "3", "--dp-noise-multiplier", "1"],
+            "drop dp_noise_multiplier",
+        ),
+        (["--dp", "central", "--dp-target-epsilon", "-1"], "dp_target_epsilon must be a pos"),
+        (["--dp", "central", "--dp-target-epsilon", "1e-5"], "is unreachable"),
         (["--dp-adaptive-clip-quantile", "0.5"], "is an option of dp 'central'"),
         (["--dp", "central", "--dp-adaptive-clip-quantile", "1.5"], "quantile must be in (0, 1)"),
         (
@@ -269,3 +276,29 @@ def test_the_cli_adapts_the_bound_logs_it_and_resumes_bitwise(tmp_path: Path) ->
     assert (part / "final_model.safetensors").read_bytes() == model
     resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["dp_clip_norm"] for r in resumed] == bounds
+
+
+@pytest.mark.parametrize(("target", "q", "rounds"), [(5.0, 0.3, 30), (1.0, 0.01, 1000)])
+def test_the_noise_for_a_target_epsilon_is_the_smallest_that_meets_it(
+    target: float, q: float, rounds: int
+) -> None:
+    sigma = noise_for_epsilon(target, q, rounds, 1e-5)
+    assert epsilon(sigma, q, rounds, 1e-5) <= target
+    assert epsilon(sigma - 1e-3, q, rounds, 1e-5) > target  # within 1e-3 of the optimum
+    with pytest.raises(ConfigError, match="is unreachable"):
+        noise_for_epsilon(1e-6, 1.0, 10_000, 1e-5)
+
+
+def test_the_cli_spends_the_target_epsilon_and_refuses_more_rounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    options = [*TINY, "--dp", "central", "--dp-target-epsilon", "8", "--dp-delta", "1e-4"]
+    assert main(["run", *options, "--rounds", "3", "--output-dir", str(run_dir)]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 7.99 <= rows[-1]["dp_epsilon"] <= 8.0
+    assert "dp_target_epsilon = 8" in (run_dir / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--rounds", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "calibrated its noise to spend epsilon 8.0 in 3 rounds" in err, err

@@ -30,6 +30,7 @@ a formula of emberfl's own: :func:`epsilon`. Install it with ``pip install
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -42,7 +43,14 @@ from emberfl.aggregation.aggregators import Aggregator, UpdateSet
 from emberfl.errors import ConfigError, InvalidArgumentError
 from emberfl.rng import Purpose, stream
 
-__all__ = ["DPMean", "epsilon"]
+__all__ = [
+    "DPSGD",
+    "MAX_NOISE_MULTIPLIER",
+    "DPMean",
+    "epsilon",
+    "local_epsilon",
+    "noise_for_epsilon",
+]
 
 
 class DPMean(Aggregator):
@@ -230,3 +238,226 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
         return float(accountant.get_epsilon(delta))
     finally:
         absl.setLevel(level)
+
+
+MAX_NOISE_MULTIPLIER = 1000.0
+"""The largest noise multiplier :func:`noise_for_epsilon` offers (beyond it the noise
+drowns any update: the target is unreachable in practice)."""
+
+
+@functools.lru_cache(maxsize=64)
+def noise_for_epsilon(target: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """Return the smallest noise multiplier whose ``epsilon`` after ``rounds`` is ``target``.
+
+    The inverse of :func:`epsilon`, found by ``dp-accounting``'s
+    ``calibrate_dp_mechanism`` (Brent's method over the RDP accountant; tolerance 1e-4 in
+    ``sigma``, on the private side).
+
+    Args:
+        target: The ``epsilon`` to spend (> 0).
+        sample_rate: ``q`` in ``(0, 1]``.
+        rounds: Rounds (>= 1).
+        delta: ``delta`` in ``(0, 1)``.
+
+    Returns:
+        ``sigma`` with ``epsilon(sigma, q, rounds, delta) <= target``.
+
+    Raises:
+        ConfigError: A value out of range, or a target that needs more noise than
+            :data:`MAX_NOISE_MULTIPLIER`.
+    """
+    if not (math.isfinite(target) and target > 0):
+        raise ConfigError(f"dp_target_epsilon must be a positive number, got {target}")
+    if rounds < 1:
+        raise ConfigError(f"the rounds to calibrate for must be >= 1, got {rounds}")
+    epsilon(1.0, sample_rate, 1, delta)  # checks q and delta, and the library
+    if epsilon(MAX_NOISE_MULTIPLIER, sample_rate, rounds, delta) > target:
+        raise ConfigError(
+            f"epsilon {target} at delta {delta:g} after {rounds} rounds at sampling rate "
+            f"{sample_rate:.3g} is unreachable: it needs a noise multiplier above "
+            f"{MAX_NOISE_MULTIPLIER:g}; raise the target or delta, or run fewer rounds"
+        )
+    dpa = _accounting()
+    from dp_accounting import rdp
+
+    def event(sigma: float) -> Any:
+        inner = dpa.PoissonSampledDpEvent(sample_rate, dpa.GaussianDpEvent(sigma))
+        return dpa.SelfComposedDpEvent(inner, rounds)
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        sigma = dpa.calibrate_dp_mechanism(
+            rdp.RdpAccountant,
+            event,
+            target,
+            delta,
+            dpa.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
+            tol=1e-4,
+        )
+    finally:
+        absl.setLevel(level)
+    sigma = float(sigma)
+    while epsilon(sigma, sample_rate, rounds, delta) > target:  # stay on the private side
+        sigma += 1e-4
+    return sigma
+
+
+# --------------------------------------------------------------------------------------
+# Local DP-SGD
+# --------------------------------------------------------------------------------------
+
+
+class DPSGD:
+    """Record-level DP-SGD on each client (Abadi et al., 2016, "Deep Learning with
+    Differential Privacy").
+
+    Every local step computes one gradient per sample (:func:`torch.func.vmap` of
+    :func:`torch.func.grad`), clips each to L2 norm ``C`` over all trainable parameters,
+    sums them, adds ``N(0, (sigma C)^2 I)`` and divides by the batch size:
+
+        g = (sum_i min(1, C / ||g_i||) g_i + N(0, sigma^2 C^2 I)) / B
+
+    A term of the algorithm that does not depend on the data (FedProx's proximal term) is
+    added after the noise; the algorithm's gradient hook (SCAFFOLD's correction) sees the
+    private gradient. The noise of client ``k`` in round ``t`` comes from the stream
+    ``(seed, DP_SGD_NOISE, k, t)``, drawn on the CPU in parameter order, so it does not depend
+    on the mode, the parallelism or the device.
+
+    Each step's batch is a fixed-size slice of the client's shuffled data;
+    :func:`local_epsilon` accounts it as Poisson sampling at rate ``B / n_k``, the usual
+    approximation of DP-SGD libraries. Models with BatchNorm (a statistic mixes samples)
+    or dropout are refused.
+
+    Attributes:
+        noise_multiplier: ``sigma`` (>= 0).
+        clip_norm: ``C`` (> 0).
+    """
+
+    def __init__(self, noise_multiplier: float, clip_norm: float) -> None:
+        """Set the mechanism.
+
+        Args:
+            noise_multiplier: ``sigma`` (>= 0; 0: clipping only).
+            clip_norm: ``C`` (> 0; ``math.inf``: no clipping).
+
+        Raises:
+            ConfigError: A value out of range.
+        """
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ConfigError(f"dp_noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not clip_norm > 0:
+            raise ConfigError(f"dp_clip_norm must be > 0, got {clip_norm}")
+        if noise_multiplier > 0 and not math.isfinite(clip_norm):
+            raise ConfigError(
+                "the noise is dp_noise_multiplier x dp_clip_norm: noise needs a finite dp_clip_norm"
+            )
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = float(clip_norm)
+
+    def __repr__(self) -> str:
+        """Return ``DPSGD(sigma=..., C=...)``."""
+        return f"DPSGD(sigma={self.noise_multiplier}, C={self.clip_norm})"
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model whose per-sample gradients are not defined.
+
+        Raises:
+            ConfigError: For BatchNorm or dropout layers.
+        """
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                raise ConfigError(
+                    f"local DP-SGD needs per-sample gradients, but {name} is a BatchNorm "
+                    "layer (its statistics mix the samples of a batch); use a model without "
+                    "BatchNorm (GroupNorm works)"
+                )
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                raise ConfigError(
+                    f"local DP-SGD does not support dropout ({name}); use a model without it"
+                )
+
+    def noise_generator(self, seed: int, cid: int, round_: int) -> torch.Generator:
+        """Return client ``cid``'s noise generator for round ``round_``."""
+        draw = stream(seed, purpose=Purpose.DP_SGD_NOISE, client=cid, round=round_)
+        return torch.Generator().manual_seed(draw.torch_seed())
+
+    def gradients(
+        self,
+        model: torch.nn.Module,
+        params: dict[str, torch.Tensor],
+        data: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return the private gradient of one batch and the batch's mean loss.
+
+        Args:
+            model: The client's model (its buffers and frozen parameters are used as
+                they are).
+            params: Its trainable parameters, by name.
+            data: The batch's inputs, ``(B, ...)``.
+            target: Its labels, ``(B,)``.
+            generator: The client's noise generator (advanced by one draw per element).
+
+        Returns:
+            ``(gradients by name, mean loss)``.
+        """
+        from torch.func import functional_call, grad_and_value, vmap
+
+        fixed = {n: t.detach() for n, t in model.named_parameters() if n not in params}
+        fixed |= {n: t for n, t in model.named_buffers()}
+        live = {n: p.detach() for n, p in params.items()}
+
+        def sample_loss(
+            p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
+            out = functional_call(model, {**p, **fixed}, (x.unsqueeze(0),))
+            return torch.nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+        per_sample, losses = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0))(
+            live, data, target
+        )
+        batch = data.shape[0]
+        sq = torch.zeros(batch, dtype=torch.float32, device=data.device)
+        for g in per_sample.values():
+            sq += g.reshape(batch, -1).pow(2).sum(dim=1)
+        # Opacus's factor: min(1, C / (||g_i|| + 1e-6)).
+        factor = (self.clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        out: dict[str, torch.Tensor] = {}
+        for name, g in per_sample.items():
+            total = torch.tensordot(factor, g, dims=1)
+            if self.noise_multiplier > 0:
+                noise = torch.randn(total.shape, generator=generator, dtype=torch.float32)
+                total = total + (self.noise_multiplier * self.clip_norm) * noise.to(total.device)
+            out[name] = total / batch
+        return out, losses.mean()
+
+
+def local_epsilon(noise_multiplier: float, clients: list[tuple[float, int]], delta: float) -> float:
+    """Return the record-level ``epsilon`` of local DP-SGD for its worst-off client.
+
+    Client ``k`` has taken ``T_k`` steps with batches that are a fraction ``q_k = B /
+    n_k`` of its data; its ``epsilon`` is ``dp-accounting``'s RDP bound for ``T_k``
+    compositions of the Poisson-subsampled Gaussian mechanism at ``q_k`` (:func:`epsilon`),
+    and the largest over the clients is returned.
+
+    Args:
+        noise_multiplier: ``sigma``.
+        clients: ``(q_k, T_k)`` per client (clients with ``T_k = 0`` spend nothing).
+        delta: ``delta`` in ``(0, 1)``.
+
+    Returns:
+        The largest ``epsilon`` (0 before any step; ``math.inf`` without noise).
+    """
+    seen: dict[tuple[float, int], float] = {}
+    worst = 0.0
+    for rate, steps in clients:
+        if steps <= 0:
+            continue
+        key = (min(1.0, rate), int(steps))
+        if key not in seen:
+            seen[key] = epsilon(noise_multiplier, key[0], key[1], delta)
+        worst = max(worst, seen[key])
+    return worst

@@ -52,6 +52,7 @@ class Purpose(enum.IntEnum):
     DP_NOISE = 13
     COMPRESSION = 14
     CLIENT_SPEED = 15
+    DP_SGD_NOISE = 16
 
 
 def _check_u64(name: str, value: int) -> int:

@@ -51,6 +51,7 @@ class IFCA(LocalSGD):
     name: ClassVar[str] = "ifca"
     summary: ClassVar[str] = "clustered FL: each client trains the best of k models (Ghosh 2020)"
     vectorizable: ClassVar[bool] = False
+    local_dp: ClassVar[bool] = False  # its cluster choice reads the data
     personalised: ClassVar[bool] = True
     main_stream: ClassVar[str] = "delta0"
 

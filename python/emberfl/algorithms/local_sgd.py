@@ -24,7 +24,7 @@ FedAvg is this class with no hook overridden (:class:`~emberfl.algorithms.fedavg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -44,6 +44,9 @@ from emberfl.core.vectorized import StackedAdam, StackedSGD
 from emberfl.errors import ConfigError
 from emberfl.nn import prepare_dropout
 from emberfl.rng import Purpose, stream
+
+if TYPE_CHECKING:
+    from emberfl.privacy import DPSGD
 
 __all__ = ["ClientUpdate", "LocalResult", "LocalSGD", "Terms", "train_locally"]
 
@@ -124,6 +127,7 @@ class LocalSGD(Algorithm):
             (:meth:`local_epochs`).
         drop_stragglers: Whether clients that would not finish :attr:`epochs` are left out
             of the round instead (:meth:`drops`).
+        dp: Local DP-SGD (:class:`~emberfl.privacy.DPSGD`) or ``None``.
     """
 
     name: ClassVar[str] = "local-sgd"
@@ -131,6 +135,9 @@ class LocalSGD(Algorithm):
     vectorizable: ClassVar[bool] = True
     optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
     """The local optimisers the algorithm allows (its equations may assume SGD steps)."""
+    local_dp: ClassVar[bool] = True
+    """Whether the algorithm can train with local DP-SGD: what it sends must depend on the
+    data only through its DP-SGD steps."""
 
     def __init__(
         self,
@@ -145,6 +152,7 @@ class LocalSGD(Algorithm):
         adam_eps: float = 1e-8,
         stragglers: float = 0.0,
         drop_stragglers: bool = False,
+        dp: DPSGD | None = None,
     ) -> None:
         """Set the hyper-parameters.
 
@@ -165,10 +173,14 @@ class LocalSGD(Algorithm):
             drop_stragglers: Leave the clients that would not finish ``epochs`` out of
                 the round (FedAvg with a deadline, FedProx's baseline) instead of taking
                 their partial work; needs ``stragglers > 0``.
+            dp: Train every step with local DP-SGD (per-sample clipping and noise,
+                :class:`~emberfl.privacy.DPSGD`); the algorithm then runs in the serial,
+                thread and process modes only.
 
         Raises:
             ConfigError: For a value out of range, an optimiser the algorithm does not
-                allow, or momentum with Adam.
+                allow, momentum with Adam, or ``dp`` for an algorithm that sends more of
+                the data than its DP-SGD steps (:attr:`local_dp`).
         """
         self.lr = check_positive("lr", lr)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -190,6 +202,14 @@ class LocalSGD(Algorithm):
         if drop_stragglers and self.stragglers == 0.0:
             raise ConfigError("drop_stragglers needs stragglers > 0 (there is nobody to drop)")
         self.drop_stragglers = bool(drop_stragglers)
+        if dp is not None and not self.local_dp:
+            raise ConfigError(
+                f"{type(self).__name__} cannot train with local DP-SGD: what it sends "
+                "depends on the data beyond its DP-SGD steps"
+            )
+        self.dp = dp
+        if dp is not None:
+            self.vectorizable = False  # type: ignore[misc]
         if optimizer == "adam":
             if momentum:
                 raise ConfigError("momentum is SGD's; Adam has its own (adam_betas)")
@@ -352,22 +372,40 @@ def train_locally(
     criterion = torch.nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
+    dp = algorithm.dp
+    noise = None
+    if dp is not None:
+        dp.check_model(model)
+        noise = dp.noise_generator(client.seed, client.cid, client.round)
     for data, target in iter_epochs(client, algorithm.local_epochs(client)):
         if client.stopped():
             break
         data, target = data.to(device), target.to(device)
-        loss = criterion(model(data), target)
+        for p in params.values():
+            p.grad = None
+        loss: Any
+        if dp is not None and noise is not None:
+            private, loss = dp.gradients(model, params, data, target, noise)
+        else:
+            loss = criterion(model(data), target)
         total = loss
+        extra: Any = None
         if terms is not None:
             terms.step = steps
             if use_loss:
                 extra = algorithm.loss_term(params, terms)
                 if extra is not None:
                     total = loss + extra
-        for p in params.values():
-            p.grad = None
-        total.backward()
-        grads: Grads = {n: p.grad for n, p in params.items()}
+        if dp is None:
+            total.backward()
+            grads: Grads = {n: p.grad for n, p in params.items()}
+        else:
+            # The data's part is private; a term without data is added as it is.
+            if extra is not None:
+                extra.backward()
+            grads = {
+                n: private[n] if p.grad is None else private[n] + p.grad for n, p in params.items()
+            }
         if terms is not None and use_grad:
             grads = algorithm.gradient(grads, params, terms)
         optimizer.step(params, grads, None)

@@ -49,6 +49,7 @@ class PerFedAvg(LocalSGD):
     name: ClassVar[str] = "perfedavg"
     summary: ClassVar[str] = "Per-FedAvg, first-order: a global model that adapts in one step"
     vectorizable: ClassVar[bool] = False
+    local_dp: ClassVar[bool] = False  # its own two-pass steps are not DP-SGD steps
     personalised: ClassVar[bool] = True
     adapts: ClassVar[bool] = True
     # The steps are the paper's plain SGD steps.

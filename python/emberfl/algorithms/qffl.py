@@ -45,6 +45,7 @@ class QFFL(LocalSGD):
     # q-FFL's L = 1 / eta treats the local steps as SGD's.
     optimizers: ClassVar[tuple[str, ...]] = ("sgd",)
     vectorizable: ClassVar[bool] = False
+    local_dp: ClassVar[bool] = False  # it sends its loss at the global model
 
     def __init__(self, *, lr: float, q: float = 1.0, **kwargs: Any) -> None:
         """Set the hyper-parameters.

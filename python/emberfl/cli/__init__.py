@@ -482,8 +482,9 @@ def _run_options() -> list[_RunOption]:
             DP_MODES,
             "MODE",
             "central: client-level differential privacy (DP-FedAvg: Poisson sampling at "
-            "--sample-ratio, clipped updates, Gaussian noise; dp_epsilon logged each round); "
-            "default none",
+            "--sample-ratio, clipped updates, Gaussian noise); local: record-level DP-SGD on "
+            "every client (per-sample gradients clipped to --dp-clip-norm, Gaussian noise each "
+            "step); dp_epsilon logged each round; default none",
         ),
         (
             "--dp-noise-multiplier",
@@ -493,8 +494,24 @@ def _run_options() -> list[_RunOption]:
             "SIGMA",
             "the noise's std over the clip norm (default 1.0)",
         ),
-        ("--dp-clip-norm", "dp_clip_norm", float, None, "C", "each update's L2 bound (default 1)"),
+        (
+            "--dp-clip-norm",
+            "dp_clip_norm",
+            float,
+            None,
+            "C",
+            "the L2 bound on each update (central) or each sample's gradient (local); default 1",
+        ),
         ("--dp-delta", "dp_delta", float, None, "DELTA", "delta of the reported epsilon (1e-5)"),
+        (
+            "--dp-target-epsilon",
+            "dp_target_epsilon",
+            float,
+            None,
+            "EPS",
+            "central: choose the smallest noise multiplier that spends at most EPS after "
+            "--rounds rounds (instead of --dp-noise-multiplier)",
+        ),
         (
             "--dp-adaptive-clip-quantile",
             "dp_adaptive_clip_quantile",

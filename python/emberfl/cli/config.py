@@ -48,7 +48,7 @@ ATTACK_NAMES = ("none", "label-flip", "sign-flip", "gaussian", "scale")
 """Simulated attacks (``--attack``; :mod:`emberfl.attacks`)."""
 COMPRESSION_NAMES = ("none", "topk", "randk", "qsgd", "sign")
 """Uplink compression (``--compression``; :mod:`emberfl.compression`)."""
-DP_MODES = ("none", "central")
+DP_MODES = ("none", "central", "local")
 """Differential privacy (``--dp``; :mod:`emberfl.privacy`)."""
 _KRUM_FAMILY = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # needs m >= factor * f + 3
 
@@ -291,13 +291,20 @@ class RunConfig:
         dp: ``"central"``: client-level differential privacy (DP-FedAvg,
             :mod:`emberfl.privacy`: Poisson sampling of rate ``sample_ratio``, each update
             clipped to ``dp_clip_norm``, Gaussian noise, a fixed denominator), with the
-            privacy spent logged each round as ``dp_epsilon``; ``"none"`` (default).
-        dp_noise_multiplier: DP-FedAvg's ``sigma`` (``None``: 1.0).
-        dp_clip_norm: DP-FedAvg's clipping bound ``C`` (``None``: 1.0).
+            privacy spent logged each round as ``dp_epsilon``; ``"local"``: record-level
+            DP-SGD on every client (:class:`emberfl.privacy.DPSGD`: each sample's
+            gradient clipped to ``dp_clip_norm``, Gaussian noise each step), with the
+            worst-off client's ``epsilon`` logged each round; ``"none"`` (default).
+        dp_noise_multiplier: DP-FedAvg's or DP-SGD's ``sigma`` (``None``: 1.0).
+        dp_clip_norm: DP-FedAvg's clipping bound ``C`` on each update, or DP-SGD's on each
+            sample's gradient (``None``: 1.0).
         dp_delta: The ``delta`` at which ``epsilon`` is reported (``None``: 1e-5).
         dp_adaptive_clip_quantile: Adaptive clipping's target quantile (Andrew et al.,
             2021; ``None``: a fixed bound ``dp_clip_norm``, which is the initial bound
             otherwise); the bound is logged each round as ``dp_clip_norm``.
+        dp_target_epsilon: ``dp = "central"``: choose the smallest noise multiplier that
+            spends at most this ``epsilon`` at ``dp_delta`` after ``rounds`` rounds
+            (instead of ``dp_noise_multiplier``; a resume cannot then change ``rounds``).
         compression: The uplink's encoding (:data:`COMPRESSION_NAMES`,
             :mod:`emberfl.compression`): ``topk``, ``randk``, ``qsgd``, ``sign``, or ``none``.
         compression_ratio: ``topk``'s and ``randk``'s fraction of entries sent (``None``:
@@ -381,6 +388,7 @@ class RunConfig:
     dp_clip_norm: float | None = None
     dp_delta: float | None = None
     dp_adaptive_clip_quantile: float | None = None
+    dp_target_epsilon: float | None = None
     compression: str = "none"
     compression_ratio: float | None = None
     qsgd_levels: int | None = None
@@ -467,6 +475,11 @@ class RunConfig:
             )
         if not (math.isfinite(self.stragglers) and 0 <= self.stragglers <= 1):
             raise ConfigError(f"stragglers must be a fraction in [0, 1], got {self.stragglers}")
+        if self.dp == "local" and self.mode == "vectorized":
+            raise ConfigError(
+                "dp 'local' (DP-SGD) computes per-sample gradients client by client; use mode "
+                "serial, thread or process"
+            )
         algorithm = build_algorithm(self)  # the algorithm checks its own values
         if self.is_async():
             self._validate_async()
@@ -665,13 +678,23 @@ class RunConfig:
 
     def _validate_privacy(self) -> None:
         _check_choice("dp", self.dp, DP_MODES)
-        keys = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_adaptive_clip_quantile")
+        keys = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta")
+        central = ("dp_adaptive_clip_quantile", "dp_target_epsilon")
         if self.dp == "none":
-            for key in keys:
+            for key in keys + central:
                 if getattr(self, key) is not None:
+                    owners = "'central'" if key in central else "'central' or 'local'"
                     raise ConfigError(
-                        f"{key} (set to {getattr(self, key)}) is an option of dp 'central'"
+                        f"{key} (set to {getattr(self, key)}) is an option of dp {owners}"
                     )
+            return
+        if self.dp_target_epsilon is not None and self.dp_noise_multiplier is not None:
+            raise ConfigError(
+                f"dp_target_epsilon (set to {self.dp_target_epsilon}) chooses the noise "
+                f"multiplier; drop dp_noise_multiplier (set to {self.dp_noise_multiplier})"
+            )
+        if self.dp == "local":
+            self._validate_local_dp()
             return
         if self.aggregator != "mean":
             raise ConfigError(
@@ -706,11 +729,48 @@ class RunConfig:
         except InvalidArgumentError as exc:
             raise ConfigError(f"dp: {exc}") from None
 
+    def _validate_local_dp(self) -> None:
+        if self.dp_adaptive_clip_quantile is not None:
+            raise ConfigError(
+                f"dp_adaptive_clip_quantile (set to {self.dp_adaptive_clip_quantile}) is an "
+                "option of dp 'central'; dp 'local' clips each sample's gradient to dp_clip_norm"
+            )
+        if self.dp_target_epsilon is not None:
+            raise ConfigError(
+                f"dp_target_epsilon (set to {self.dp_target_epsilon}) is an option of dp "
+                "'central'; with dp 'local' each client's epsilon depends on its data size and "
+                "participation, so set dp_noise_multiplier"
+            )
+        if self.client_selection == "power-of-choice":
+            raise ConfigError(
+                "dp 'local' protects what a client sends, but power-of-choice selection sends "
+                "each candidate's loss on its data; use client_selection uniform or size"
+            )
+        sigma, clip, delta = self.dp_parameters()
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"dp_noise_multiplier must be a positive number, got {sigma}")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"dp_clip_norm must be a positive number, got {clip}")
+        if not (math.isfinite(delta) and 0 < delta < 1):
+            raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        from emberfl.privacy import epsilon
+
+        epsilon(sigma, 0.5, 1, delta)  # the accountant is installed
+
     def dp_parameters(self) -> tuple[float, float, float]:
-        """Return ``(dp_noise_multiplier, dp_clip_norm, dp_delta)``, defaults filled in."""
-        sigma = 1.0 if self.dp_noise_multiplier is None else float(self.dp_noise_multiplier)
+        """Return ``(dp_noise_multiplier, dp_clip_norm, dp_delta)``, defaults filled in.
+
+        With ``dp_target_epsilon`` the noise multiplier is the smallest that spends at most
+        that ``epsilon`` after ``rounds`` rounds (:func:`emberfl.privacy.noise_for_epsilon`).
+        """
         clip = 1.0 if self.dp_clip_norm is None else float(self.dp_clip_norm)
         delta = 1e-5 if self.dp_delta is None else float(self.dp_delta)
+        if self.dp_target_epsilon is not None:
+            from emberfl.privacy import noise_for_epsilon
+
+            target = float(self.dp_target_epsilon)
+            return noise_for_epsilon(target, self.sample_rate(), self.rounds, delta), clip, delta
+        sigma = 1.0 if self.dp_noise_multiplier is None else float(self.dp_noise_multiplier)
         return sigma, clip, delta
 
     def sample_rate(self) -> float:
@@ -810,6 +870,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dp_clip_norm": (float, int),
     "dp_delta": (float, int),
     "dp_adaptive_clip_quantile": (float, int),
+    "dp_target_epsilon": (float, int),
     "compression": (str,),
     "compression_ratio": (float, int),
     "qsgd_levels": (int,),
@@ -848,6 +909,7 @@ _OPTIONAL = frozenset(
         "dp_clip_norm",
         "dp_delta",
         "dp_adaptive_clip_quantile",
+        "dp_target_epsilon",
         "compression_ratio",
         "qsgd_levels",
     }
@@ -941,6 +1003,11 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         kwargs["adam_betas"] = (float(config.adam_betas[0]), float(config.adam_betas[1]))
     if config.adam_eps is not None:
         kwargs["adam_eps"] = float(config.adam_eps)
+    if config.dp == "local":
+        from emberfl.privacy import DPSGD
+
+        sigma, clip, _ = config.dp_parameters()
+        kwargs["dp"] = DPSGD(sigma, clip)
     if config.is_async():
         from emberfl.algorithms import FedAvg
 

@@ -20,8 +20,10 @@ Each completed round adds one row with the keys of :data:`METRIC_FIELDS`:
   after one adaptation step on a batch of its training data) on its own test split (all
   held-out samples together; a client that has not trained yet is judged with the global
   model);
-* ``dp_epsilon``: with ``dp = "central"``, the privacy spent after this round at
-  ``dp_delta`` (:func:`emberfl.privacy.epsilon`); absent otherwise;
+* ``dp_epsilon``: with ``dp = "central"``, the client-level privacy spent after this
+  round at ``dp_delta`` (:func:`emberfl.privacy.epsilon`); with ``dp = "local"``, the
+  record-level privacy of the client that has spent the most
+  (:func:`emberfl.privacy.local_epsilon`); absent otherwise;
 * ``dp_clip_norm``: with adaptive clipping, the bound the next round clips to;
 * ``virtual_time_s``, ``mean_staleness``, ``max_staleness``: asynchronous algorithms
   (``fedasync``, ``fedbuff``), where a row is one server update: the virtual clock when it
@@ -260,7 +262,7 @@ def format_summary(rows: Sequence[Row], *, max_rows: int = 12) -> str:
             f"{last['virtual_time_s']:.1f} virtual seconds"
         )
     if isinstance(last.get("dp_epsilon"), int | float):
-        lines.append(f"privacy spent: epsilon {last['dp_epsilon']:.3f} (client-level DP)")
+        lines.append(f"privacy spent: epsilon {last['dp_epsilon']:.3f}")
     for key, what in (
         ("client_test_accuracy", "global model on the clients' own tests"),
         ("personal_test_accuracy", "personal models on their own tests"),

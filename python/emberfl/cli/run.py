@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from emberfl.algorithms import Split
+from emberfl.algorithms import LocalSGD, Split
 from emberfl.asynchronous import AsyncSimulation
 from emberfl.atomic import atomic_write_text, name_os_errors
 from emberfl.attacks import flip_labels, malicious_clients
@@ -98,7 +99,7 @@ from emberfl.evaluation import evaluate
 from emberfl.executors import ClientSetup, make_executor
 from emberfl.models import Models
 from emberfl.nn import use_fast_layers
-from emberfl.privacy import epsilon
+from emberfl.privacy import epsilon, local_epsilon
 from emberfl.reproducibility import RNGSuite, create_rng_suite
 from emberfl.rng import Purpose, stream
 from emberfl.simulation import Simulation
@@ -127,6 +128,8 @@ PARTITION_CSV = "partition.csv"
 """The partition's class counts inside a run directory."""
 PARTITION_PNG = "partition.png"
 """The partition heatmap inside a run directory."""
+DP_STEPS = "dp/steps"
+"""Checkpoint tensor of local DP-SGD's steps per client."""
 STALENESS_CSV = "staleness.csv"
 """Asynchronous runs: how many reports arrived with each staleness, up to the checkpoint."""
 EVAL_BATCH_SIZE = 512
@@ -560,6 +563,23 @@ def _client_test_metrics(
     return out
 
 
+def _dp_steps(sim: Simulation, cids: list[int], batch_size: int) -> np.ndarray[Any, Any]:
+    """The local DP-SGD steps each client takes in the coming round: its epochs
+    (:meth:`LocalSGD.work`, stragglers included) times its batches; 0 for the others and
+    for dropped clients."""
+    steps = np.zeros(sim.num_clients, dtype=np.int64)
+    algorithm = sim.algorithm
+    inner = getattr(algorithm, "inner", algorithm)
+    seed, round_ = sim.executor.setup.seed, sim.round
+    sizes = sim.client_sizes()
+    for cid in cids:
+        if algorithm.drops(seed, cid, round_):
+            continue
+        epochs = inner.work(seed, cid, round_) if isinstance(inner, LocalSGD) else 1
+        steps[cid] = epochs * math.ceil(sizes[cid] / batch_size)
+    return steps
+
+
 def _say(out: TextIO, config: RunConfig, text: str) -> None:
     if not config.quiet:
         print(text, file=out, flush=True)
@@ -598,10 +618,16 @@ def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str
             algorithm += " without error feedback"
     if config.dp == "central":
         sigma, clip, delta = config.dp_parameters()
+        target = ""
+        if config.dp_target_epsilon is not None:
+            target = f" for epsilon {config.dp_target_epsilon:g} after {config.rounds} rounds"
         algorithm += (
-            f", client-level DP (sigma {sigma}, clip {clip}, delta {delta:g}, Poisson sampling "
-            f"q={config.sample_rate():.3g})"
+            f", client-level DP (sigma {sigma:.4g}{target}, clip {clip}, delta {delta:g}, "
+            f"Poisson sampling q={config.sample_rate():.3g})"
         )
+    if config.dp == "local":
+        sigma, clip, delta = config.dp_parameters()
+        algorithm += f", local DP-SGD (sigma {sigma}, per-sample clip {clip}, delta {delta:g})"
     if config.attack != "none":
         algorithm += f", {config.attack} attack by {config.malicious_fraction} of the clients"
     if config.client_selection != "uniform":
@@ -728,7 +754,11 @@ def run_experiment(
         seed=config.seed,
         hidden_sizes=tuple(config.hidden_sizes or (200, 200)),
     )
-    models.select_model(config.model)  # fail early on a model/input-shape mismatch
+    probe = models.select_model(config.model)  # fail early on a model/input-shape mismatch
+    if config.dp == "local":
+        from emberfl.privacy import DPSGD
+
+        DPSGD(*config.dp_parameters()[:2]).check_model(probe)
 
     if run_dir is None:
         run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
@@ -773,10 +803,21 @@ def run_experiment(
     rng_suite = create_rng_suite(config.seed)
     metrics: list[dict[str, Any]] = []
     elapsed_before = 0.0
+    # Local DP-SGD's accounting: every client's steps so far (checkpointed as dp/steps).
+    dp_steps = np.zeros(config.num_clients, dtype=np.int64)
     if checkpoint is not None:
         _load_model_state(model, checkpoint.model_state, config.model)
         _restore_rng(rng_suite, checkpoint.rng)
-        tensors = {"server/model": serialize_model(model).to(torch.float32), **checkpoint.tensors}
+        saved = dict(checkpoint.tensors)
+        if config.dp == "local":
+            steps_saved = saved.pop(DP_STEPS, None)
+            if steps_saved is None or tuple(steps_saved.shape) != (config.num_clients,):
+                raise CheckpointError(
+                    f"the checkpoint in {run_dir} lacks local DP-SGD's step counts ({DP_STEPS}) "
+                    "for every client, so the privacy spent cannot be accounted; start again"
+                )
+            dp_steps = steps_saved.numpy().astype(np.int64)
+        tensors = {"server/model": serialize_model(model).to(torch.float32), **saved}
         sim.load_state_tensors(tensors, checkpoint.round)
         metrics = list(checkpoint.metrics)
         elapsed_before = checkpoint.wall_time_s
@@ -796,6 +837,8 @@ def run_experiment(
         if isinstance(sim, AsyncSimulation):
             _write_staleness(run_dir, sim.staleness)
         extra = {k: v for k, v in sim.state_tensors().items() if k != "server/model"}
+        if config.dp == "local":
+            extra[DP_STEPS] = torch.from_numpy(dp_steps.copy())
         save_checkpoint(
             run_dir,
             Checkpoint(
@@ -822,6 +865,8 @@ def run_experiment(
                     summary["num_clients"] = summary["reports"]
                 else:
                     cids = sim.sample_clients()
+                    if config.dp == "local":
+                        dp_steps += _dp_steps(sim, cids, config.batch_size)
                     with bars.bar(
                         total=len(cids), desc=f"round {sim.round + 1}", unit="client", leave=False
                     ) as client_bar:
@@ -848,6 +893,12 @@ def run_experiment(
                     row["max_staleness"] = int(summary["max_staleness"])
                 if pdata.has_client_tests:
                     row.update(_client_test_metrics(sim, model, pdata, device))
+                if config.dp == "local":
+                    sigma, _, delta = config.dp_parameters()
+                    sizes = sim.client_sizes() if isinstance(sim, Simulation) else []
+                    rates = [config.batch_size / n if n else 1.0 for n in sizes]
+                    spent = list(zip(rates, dp_steps.tolist(), strict=True))
+                    row["dp_epsilon"] = local_epsilon(sigma, spent, delta)
                 if config.dp == "central" and isinstance(sim, Simulation):
                     sigma, _, delta = config.dp_parameters()
                     row["dp_epsilon"] = epsilon(sigma, config.sample_rate(), sim.round, delta)
@@ -936,5 +987,11 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
                 f"drop the {key.replace('_', '-')} option or start a new run"
             )
     merged = merge_config(saved, {k: v for k, v in overrides.items() if k != "output_dir"})
+    if saved.dp_target_epsilon is not None and merged.rounds != saved.rounds:
+        raise ConfigError(
+            f"{run_dir} calibrated its noise to spend epsilon {saved.dp_target_epsilon} in "
+            f"{saved.rounds} rounds; running to round {merged.rounds} would change the noise "
+            "(and overspend); resume without --rounds or start a new run"
+        )
     merged.output_dir = str(run_dir)
     return merged
