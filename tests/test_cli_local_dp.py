@@ -71,7 +71,6 @@ def test_dp_sgd_changes_the_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--mode", "vectorized"], "use mode serial, thread or process"),
         (["--dp-adaptive-clip-quantile", "0.5"], "is an option of dp 'central'"),
         (["--algorithm", "qffl"], "QFFL cannot train with local DP-SGD"),
         (["--client-selection", "power-of-choice"], "power-of-choice selection sends"),

@@ -174,8 +174,8 @@ class LocalSGD(Algorithm):
                 the round (FedAvg with a deadline, FedProx's baseline) instead of taking
                 their partial work; needs ``stragglers > 0``.
             dp: Train every step with local DP-SGD (per-sample clipping and noise,
-                :class:`~emberfl.privacy.DPSGD`); the algorithm then runs in the serial,
-                thread and process modes only.
+                :class:`~emberfl.privacy.DPSGD`), in every mode (vectorized: all samples of
+                a chunk's clients in one pass).
 
         Raises:
             ConfigError: For a value out of range, an optimiser the algorithm does not
@@ -208,8 +208,6 @@ class LocalSGD(Algorithm):
                 "depends on the data beyond its DP-SGD steps"
             )
         self.dp = dp
-        if dp is not None:
-            self.vectorizable = False  # type: ignore[misc]
         if optimizer == "adam":
             if momentum:
                 raise ConfigError("momentum is SGD's; Adam has its own (adam_betas)")

@@ -475,11 +475,6 @@ class RunConfig:
             )
         if not (math.isfinite(self.stragglers) and 0 <= self.stragglers <= 1):
             raise ConfigError(f"stragglers must be a fraction in [0, 1], got {self.stragglers}")
-        if self.dp == "local" and self.mode == "vectorized":
-            raise ConfigError(
-                "dp 'local' (DP-SGD) computes per-sample gradients client by client; use mode "
-                "serial, thread or process"
-            )
         algorithm = build_algorithm(self)  # the algorithm checks its own values
         if self.is_async():
             self._validate_async()

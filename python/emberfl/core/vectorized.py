@@ -660,6 +660,61 @@ class VectorizedModel:
             grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
         return dict(zip(leaves, grads, strict=True)), per_client.detach()
 
+    def per_sample_grads(
+        self,
+        params: Mapping[str, torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return every sample's own gradient, for every client of a stacked batch.
+
+        Each of the ``C x B`` samples runs as a client of its own with a batch of one
+        (the parameters repeated ``B`` times), so one vmapped forward and one backward
+        pass give all per-sample gradients; memory grows with ``C x B x dim``. Models with
+        batch statistics or dropout are not supported (their samples are not
+        independent).
+
+        Args:
+            params: ``name -> (C, *shape)`` stacked parameters (not modified).
+            inputs: ``(C, B, ...)`` inputs.
+            targets: ``(C, B, ...)`` targets.
+            weights: ``(C, B)`` the weights of :func:`stack_batches` (0 for padding).
+
+        Returns:
+            ``name -> (C, B, *shape)`` gradients of each sample's loss (zero for padding
+            and for parameters the forward pass does not use), and each client's weighted
+            loss ``(C,)`` (detached).
+        """
+        c, b = weights.shape
+        leaves = {
+            n: p.detach().repeat_interleave(b, dim=0).requires_grad_(True)
+            for n, p in params.items()
+        }
+        module = self._module
+
+        def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = functional_call(module, p, (x,), strict=False)
+            return out
+
+        samples = inputs.reshape(c * b, 1, *inputs.shape[2:])
+        with torch.enable_grad():
+            outputs = vmap(forward)(leaves, samples)
+            losses = self._loss_fn(
+                outputs.reshape(c * b, *outputs.shape[2:]),
+                targets.reshape(c * b, *targets.shape[2:]),
+            )
+            real = (weights > 0).reshape(-1).to(losses.dtype)
+            grads = torch.autograd.grad(
+                (losses * real).sum(), list(leaves.values()), allow_unused=True
+            )
+        out = {
+            n: (torch.zeros_like(t) if g is None else g).view(c, b, *t.shape[1:])
+            for (n, t), g in zip(leaves.items(), grads, strict=True)
+        }
+        per_client = (losses.detach().reshape(c, b) * weights).sum(dim=1)
+        return out, per_client
+
     def stat_views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the BatchNorm running statistics inside ``rows`` as stacked views.
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -49,6 +49,9 @@ from emberfl.executors.base import (
     check_result,
 )
 from emberfl.nn import dropout_mask
+
+if TYPE_CHECKING:
+    from emberfl.privacy import DPSGD
 
 _DRAIN_S = 1.0  # after a failure, how long running chunks get to stop
 
@@ -222,7 +225,11 @@ class VectorizedExecutor(Executor):
         x = plan.broadcast["model"].detach().reshape(-1).to(torch.float32)
         self._vmodel.stack(x, 1)  # validates the layout before any work
         on_cpu = self._vmodel.device.type == "cpu"
-        limit = max(1, min(DEFAULT_CPU_CHUNK, CPU_CHUNK_BYTES // (4 * plan.layout.dim)))
+        per_client = 4 * plan.layout.dim
+        if algorithm.dp is not None:
+            algorithm.dp.check_model(self.setup.model)
+            per_client *= self.setup.batch_size  # one gradient per sample
+        limit = max(1, min(DEFAULT_CPU_CHUNK, CPU_CHUNK_BYTES // per_client))
         chunk = self.chunk_size or (
             default_chunk_size(len(plan.cids), self.num_parallels, limit)
             if on_cpu
@@ -339,6 +346,8 @@ class VectorizedExecutor(Executor):
             iter_epochs(cl, algorithm.local_epochs(cl)) for cl in clients
         ]
         dropout_rngs = [cl.dropout_generator() for cl in clients]
+        dp = algorithm.dp
+        noise_rngs = [dp.noise_generator(cl.seed, cl.cid, cl.round) for cl in clients] if dp else []
         x_dev = x.to(device)
         # The clients' state lives in ``rows`` (one row per client, flat layout): the
         # first step reads the global parameters through stride-0 views and writes the
@@ -382,9 +391,14 @@ class VectorizedExecutor(Executor):
             if all(b is None for b in batches):
                 break
             terms.step = step
-            grads, losses, active = self._step_grads(
-                vmodel, algorithm, batches, current, stats, terms, dropout_rngs, use_loss
-            )
+            if dp is not None:
+                grads, losses, active = self._private_step_grads(
+                    vmodel, algorithm, dp, batches, current, terms, noise_rngs, use_loss
+                )
+            else:
+                grads, losses, active = self._step_grads(
+                    vmodel, algorithm, batches, current, stats, terms, dropout_rngs, use_loss
+                )
             if use_grad:
                 grads = algorithm.gradient(grads, dict(current), terms)  # (C, *shape) each
             all_active = bool(active.all())
@@ -435,6 +449,58 @@ class VectorizedExecutor(Executor):
                 )
             )
         return _Chunk(cids, results)
+
+    @staticmethod
+    def _private_step_grads(
+        vmodel: VectorizedModel,
+        algorithm: LocalSGD,
+        dp: DPSGD,
+        batches: list[tuple[torch.Tensor, torch.Tensor] | None],
+        current: dict[str, torch.Tensor],
+        terms: Terms,
+        noise_rngs: list[torch.Generator],
+        use_loss: bool,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, torch.Tensor]:
+        """One DP-SGD step's gradients of every client (:class:`~emberfl.privacy.DPSGD`'s
+        arithmetic, stacked): per-sample gradients clipped, summed, noised from each active
+        client's own generator in parameter order, divided by its batch size."""
+        device = vmodel.device
+        inputs, targets, weights, active = stack_batches(batches, device)
+        per_sample, losses = vmodel.per_sample_grads(current, inputs, targets, weights)
+        c, b = weights.shape
+        real = weights > 0
+        sq = torch.zeros((c, b), dtype=torch.float32, device=device)
+        for g in per_sample.values():
+            sq += g.reshape(c, b, -1).pow(2).sum(dim=2)
+        factor = (dp.clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0) * real
+        counts = real.sum(dim=1).clamp(min=1).to(torch.float32)
+        on = active.tolist()
+        sigma_c = dp.noise_multiplier * dp.clip_norm
+        grads: dict[str, torch.Tensor | None] = {}
+        for name, g in per_sample.items():
+            total = torch.einsum("cb,cb...->c...", factor, g)
+            if sigma_c > 0:
+                shape = tuple(g.shape[2:])
+                noise = torch.stack(
+                    [
+                        torch.randn(shape, generator=rng, dtype=torch.float32)
+                        if on[i]
+                        else torch.zeros(shape)
+                        for i, rng in enumerate(noise_rngs)
+                    ]
+                )
+                total = total + sigma_c * noise.to(device)
+            grads[name] = total / counts.view(c, *([1] * (total.dim() - 1)))
+        if use_loss:
+            leaves = {n: t.detach().requires_grad_(True) for n, t in current.items()}
+            with torch.enable_grad():
+                term = algorithm.loss_term(leaves, terms)
+                if term is not None:
+                    extra = torch.autograd.grad(term, list(leaves.values()), allow_unused=True)
+                    for (name, _), e in zip(leaves.items(), extra, strict=True):
+                        if e is not None:
+                            grads[name] = grads[name] + e  # type: ignore[operator]
+        return grads, losses, active
 
     @staticmethod
     def _step_grads(
