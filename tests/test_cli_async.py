@@ -186,3 +186,23 @@ def test_bad_asynchronous_options_are_usage_errors(
     assert len(err.splitlines()) == 1 and err.startswith("emberfl: error: "), err
     assert message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_options_reach_the_server_rule_and_the_clock() -> None:
+    from emberfl.asynchronous import FedAsync, FedBuff
+    from emberfl.cli.config import RunConfig, build_async
+
+    config = RunConfig(
+        algorithm="fedasync", fedasync_alpha=0.3, staleness="hinge", staleness_a=2.0,
+        staleness_b=3.0, concurrency=4, client_speed="lognormal:0.5,1.5",
+    )  # fmt: skip
+    config.validate()
+    server, clock, concurrency = build_async(config)
+    assert server == FedAsync(alpha=0.3, staleness="hinge", a=2.0, b=3.0)
+    assert (clock.mu, clock.sigma, concurrency) == (0.5, 1.5, 4)
+    defaults = RunConfig(algorithm="fedasync", staleness="hinge")
+    assert build_async(defaults)[0] == FedAsync(alpha=0.6, staleness="hinge", a=10.0, b=4.0)
+    buff = RunConfig(algorithm="fedbuff", num_clients=40, sample_ratio=0.5, server_lr=0.5)
+    server, clock, concurrency = build_async(buff)
+    assert server == FedBuff(buffer_size=10, server_lr=0.5) and concurrency == 20
+    assert (clock.mu, clock.sigma) == (0.0, 1.0)
