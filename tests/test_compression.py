@@ -194,6 +194,25 @@ def test_compressed_runs_have_the_same_bits_in_every_mode(compressor: object) ->
         assert all(torch.equal(residuals[c], ref_residuals[c]) for c in ref_residuals)
 
 
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        Compressed(FedAvg(lr=0.1, epochs=2), TopK(0.3)),
+        Compressed(FedProx(lr=0.1, mu=0.2), ScaledSign()),
+        Compressed(FedAvg(lr=0.1), QSGD(8), error_feedback=False),
+    ],
+)
+def test_vectorized_mode_compresses_each_client_as_the_serial_mode(algorithm: Compressed) -> None:
+    assert algorithm.vectorizable
+    reference, history, ref_residuals = _run(algorithm, rounds=3)
+    model, vec_history, residuals = _run(algorithm, "vectorized", 2, rounds=3)
+    assert float((model - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    assert [h["uplink_bytes"] for h in vec_history] == [h["uplink_bytes"] for h in history]
+    assert set(residuals) == set(ref_residuals)
+    for c, r in ref_residuals.items():
+        assert torch.allclose(residuals[c], r, atol=1e-6), c
+
+
 TINY = ["--num-clients", "6", "--epochs", "1", "--batch-size", "16", "--train-size", "300",
         "--quiet"]  # fmt: skip
 
@@ -207,7 +226,10 @@ TINY = ["--num-clients", "6", "--epochs", "1", "--batch-size", "16", "--train-si
         (["--compression", "topk", "--compression-ratio", "0"], "must be in (0, 1]"),
         (["--compression", "qsgd", "--qsgd-levels", "0"], "qsgd_levels must be an integer"),
         (["--no-error-feedback"], "needs a compression"),
-        (["--compression", "topk", "--mode", "vectorized"], "cannot run in vectorized mode"),
+        (
+            ["--compression", "topk", "--mode", "vectorized", "--algorithm", "qffl"],
+            "cannot run in vectorized mode",
+        ),
         (["--compression", "topk", "--algorithm", "ditto"], "keeps per-client models"),
     ],
 )

@@ -10,12 +10,15 @@ rest), and compresses ``e_k + Delta_k`` next time it is sampled. The round's
 
 The compressor's randomness (random-k's indices, QSGD's rounding) comes from the
 client's stream ``(seed, COMPRESSION, cid, round)``, so the bits do not depend on the
-mode or the parallelism. The wrapper runs in the per-client modes (serial, thread,
-process), not in the vectorized mode.
+mode or the parallelism. The wrapper runs in every mode its wrapped algorithm runs in: in
+the vectorized mode a chunk of clients trains together, then each client's update is
+encoded with its own residual and stream (:meth:`Compressed.compress_result`), within
+float rounding of the per-client modes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -31,7 +34,7 @@ from emberfl.algorithms.base import (
 )
 from emberfl.compression import Compressor
 from emberfl.errors import ConfigError
-from emberfl.rng import Purpose
+from emberfl.rng import Purpose, Stream
 
 __all__ = ["RESIDUAL", "Compressed"]
 
@@ -73,6 +76,12 @@ class Compressed(Algorithm):
         self.inner = inner
         self.compressor = compressor
         self.error_feedback = bool(error_feedback)
+
+    @property
+    def vectorizable(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped algorithm runs vectorized (the payloads are then encoded
+        client by client after each chunk)."""
+        return bool(self.inner.vectorizable)
 
     # -- the wrapped algorithm's side ---------------------------------------------------
     def uplink_streams(self, layout: ModelLayout) -> dict[str, StreamSpec]:
@@ -117,11 +126,32 @@ class Compressed(Algorithm):
             result = self.inner.client_update(client)
         finally:
             client.state = state
+        return self.compress_result(result, residual, lambda: client.stream(Purpose.COMPRESSION))
+
+    def compress_result(
+        self,
+        result: ClientResult,
+        residual: torch.Tensor | None,
+        compression_stream: Callable[[], Stream],
+    ) -> ClientResult:
+        """Replace ``result``'s main stream by what its compressed payload decodes to.
+
+        Args:
+            result: The wrapped algorithm's result (changed in place).
+            residual: The client's error-feedback residual (updated in place), or
+                ``None`` without error feedback.
+            compression_stream: Makes the client's stream ``(seed, COMPRESSION, cid,
+                round)`` afresh (the encoder and the decoder each draw from its start).
+
+        Returns:
+            ``result``, with ``uplink_bytes`` set to the payload's length (plus the other
+            streams' float32 size).
+        """
         name = self.main_stream
         delta = result.uplink[name].detach().to("cpu", torch.float32).reshape(-1)
         value = delta if residual is None else delta + residual.to(torch.float32)
-        payload = self.compressor.encode(value, client.stream(Purpose.COMPRESSION))
-        sent = self.compressor.decode(payload, value.numel(), client.stream(Purpose.COMPRESSION))
+        payload = self.compressor.encode(value, compression_stream())
+        sent = self.compressor.decode(payload, value.numel(), compression_stream())
         if residual is not None:
             residual.copy_(value - sent)
         result.uplink[name] = sent

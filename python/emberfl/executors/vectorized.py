@@ -24,6 +24,7 @@ message naming the modes that run them.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from emberfl.algorithms.base import ClientResult, iter_epochs
+from emberfl.algorithms.compressed import RESIDUAL, Compressed
 from emberfl.algorithms.local_sgd import LocalResult, LocalSGD, Terms, shaped
 from emberfl.core._threads import ClientThreads, Deadline
 from emberfl.core.heap import retain_freed_memory
@@ -49,6 +51,7 @@ from emberfl.executors.base import (
     check_result,
 )
 from emberfl.nn import dropout_mask
+from emberfl.rng import Purpose, stream
 
 if TYPE_CHECKING:
     from emberfl.privacy import DPSGD
@@ -213,7 +216,8 @@ class VectorizedExecutor(Executor):
                 chunk is interrupted; with several it is asked to stop and left running
                 in its thread, and later rounds train on a fresh model.
         """
-        algorithm = plan.algorithm
+        compressed = plan.algorithm if isinstance(plan.algorithm, Compressed) else None
+        algorithm = compressed.inner if compressed is not None else plan.algorithm
         if not isinstance(algorithm, LocalSGD) or not algorithm.vectorizable:
             raise ConfigError(
                 f"{type(algorithm).__name__} is not a local-SGD algorithm with elementwise "
@@ -254,7 +258,10 @@ class VectorizedExecutor(Executor):
             with self._lock:
                 vmodel = free.popleft()
             try:
-                return self._train_chunk(vmodel, plan, algorithm, x, cids)
+                done = self._train_chunk(vmodel, plan, algorithm, x, cids)
+                if compressed is not None:
+                    self._compress(compressed, plan, done)
+                return done
             except ClientError:
                 self.stop_event.set()
                 raise
@@ -449,6 +456,19 @@ class VectorizedExecutor(Executor):
                 )
             )
         return _Chunk(cids, results)
+
+    def _compress(self, compressed: Compressed, plan: RoundPlan, done: _Chunk) -> None:
+        """Encode each client's update as :meth:`Compressed.client_update` does, with its
+        residual from the state store and its own compression stream."""
+        seed = self.setup.seed
+        for cid, result in zip(done.cids, done.results, strict=True):
+            residual = None
+            if compressed.error_feedback and plan.state is not None:
+                residual = plan.state.views(cid)[RESIDUAL]
+            own = functools.partial(
+                stream, seed, purpose=Purpose.COMPRESSION, client=cid, round=plan.round
+            )
+            compressed.compress_result(result, residual, own)
 
     @staticmethod
     def _private_step_grads(
