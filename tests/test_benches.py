@@ -216,12 +216,41 @@ def test_privacy_bench_records_accuracy_and_epsilon(tmp_path: Path) -> None:
 
     args = argparse.Namespace(
         clients=20, sample_ratio=0.3, rounds=2, epochs=1, batch_size=16, lr=0.1,
-        clip_norm=1.0, delta=1e-3,
+        clip_norm=1.0, delta=1e-3, dp="central",
     )  # fmt: skip
     plain = bench_privacy.run_one("none", 0, args, tmp_path)
     assert plain["epsilon"] is None and 0 <= plain["final_accuracy"] <= 1
     private = bench_privacy.run_one("1.5", 0, args, tmp_path)
     assert private["epsilon"] == epsilon(1.5, 0.3, 2, 1e-3)
+    args.dp, args.clients, args.sample_ratio = "local", 4, 1.0
+    local = bench_privacy.run_one("1.5", 1, args, tmp_path)
+    assert local["epsilon"] is not None and local["epsilon"] > 0
+
+
+def test_async_bench_times_fedavg_by_its_slowest_client_and_summarises(tmp_path: Path) -> None:
+    """FedAvg's virtual rounds last as long as their slowest sampled client; a FedBuff run
+    is judged within that budget."""
+    import argparse
+
+    import bench_async
+    from bench_common import run_rows
+
+    from emberfl.asynchronous import ClientClock
+    from emberfl.simulation import sample_clients
+
+    args = argparse.Namespace(
+        clients=8, concurrency=4, buffer_size=2, rounds=3, epochs=1, batch_size=16, lr=0.1,
+        mu=0.0, sigma=1.0, target=0.5,
+    )  # fmt: skip
+    clock = ClientClock(sigma=1.0)
+    times = bench_async._fedavg_times(0, args)
+    slowest = [max(clock.duration(0, c) for c in sample_clients(0, r, 8, 4)) for r in range(3)]
+    assert times == [sum(slowest[: i + 1]) for i in range(3)]
+    rows = run_rows(bench_async._config("fedbuff", 0, 6, args, tmp_path))
+    virtual = [float(r["virtual_time_s"]) for r in rows]
+    result = bench_async._summarise("fedbuff", 0, virtual, rows, args)
+    assert result["budget_s"] == times[-1]
+    assert result["updates_in_budget"] == sum(t <= times[-1] for t in virtual)
 
 
 def test_compression_bench_parses_settings_and_counts_bytes(tmp_path: Path) -> None:

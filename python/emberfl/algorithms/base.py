@@ -553,8 +553,10 @@ class Algorithm(ABC):
         """
 
     def describe(self) -> str:
-        """Return ``"name(hyper=value, ...)"`` for logs."""
-        params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        """Return ``"name(hyper=value, ...)"`` for logs (options left at ``None`` omitted)."""
+        params = ", ".join(
+            f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and v is not None
+        )
         return f"{self.name}({params})"
 
 
