@@ -140,9 +140,10 @@ def _run_options() -> list[_RunOption]:
         COMPRESSION_NAMES,
         DP_MODES,
         MODES,
+        PARTITIONS,
         STALENESS_NAMES,
     )
-    from emberfl.data import DATASET_NAMES, PARTITION_METHODS
+    from emberfl.data import DATASET_NAMES
     from emberfl.models import MODEL_NAMES
     from emberfl.selection import SELECTIONS
 
@@ -184,9 +185,27 @@ def _run_options() -> list[_RunOption]:
             "--partition",
             "partition",
             str,
-            PARTITION_METHODS,
+            PARTITIONS,
             "METHOD",
-            "how the training data is split among clients",
+            "how the training data is split among clients (natural: the clients the data "
+            "set comes with, for --dataset synthetic)",
+        ),
+        (
+            "--synthetic-alpha",
+            "synthetic_alpha",
+            float,
+            None,
+            "A",
+            "--dataset synthetic: FedProx's alpha, how far the clients' labelling rules "
+            "differ (default 1)",
+        ),
+        (
+            "--synthetic-beta",
+            "synthetic_beta",
+            float,
+            None,
+            "B",
+            "--dataset synthetic: FedProx's beta, how far the clients' inputs differ (default 1)",
         ),
         (
             "--alpha",

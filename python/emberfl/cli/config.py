@@ -67,6 +67,8 @@ __all__ = [
     "DP_MODES",
     "DEFAULT_CLIENT_TIMEOUT",
     "MODES",
+    "NATURAL_DATASETS",
+    "PARTITIONS",
     "PARTITION_OPTIONS",
     "RESUME_OVERRIDABLE",
     "ALGORITHM_OPTIONS",
@@ -110,6 +112,12 @@ MODES: tuple[str, ...] = ("serial", "thread", "process", "vectorized")
 ``chunk_size`` clients at once as one stacked model (``vectorized``: equal to the others up
 to float rounding, about 1e-6 relative, not bitwise)."""
 
+PARTITIONS: tuple[str, ...] = (*PARTITION_METHODS, "natural")
+"""The partitions ``emberfl run`` takes: the label-based methods of
+:func:`emberfl.data.partition`, and ``natural`` (the clients a data set comes with)."""
+NATURAL_DATASETS = ("synthetic",)
+"""The data sets that come split by client (``--partition natural``)."""
+
 PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
     "iid": {},
     "iid-lognormal": {"sigma": 0.5, "min_size": None},
@@ -118,6 +126,7 @@ PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
     "shards": {"shards_per_client": 2},
     "label-quantity": {"classes_per_client": 2},
     "client-dirichlet": {"alpha": 0.5},
+    "natural": {},
 }
 """Each partition method's options and their defaults (``None``: chosen from the data,
 see :func:`partition_options`)."""
@@ -216,7 +225,8 @@ class RunConfig:
         model: One of :data:`emberfl.models.MODEL_NAMES`.
         dataset: One of :data:`emberfl.data.DATASET_NAMES`.
         data_root: Folder of the on-disk data sets (``cifar10``, ``mnist``, ...).
-        partition: One of :data:`emberfl.data.PARTITION_METHODS`.
+        partition: One of :data:`PARTITIONS`: :data:`emberfl.data.PARTITION_METHODS`, or
+            ``natural`` for a data set that comes split by client (``synthetic``).
         alpha: Dirichlet concentration (``dirichlet``, ``iid-dirichlet``,
             ``client-dirichlet``; default 0.5).
         sigma: Lognormal shape of client sizes (``iid-lognormal``; default 0.5).
@@ -228,6 +238,10 @@ class RunConfig:
             runs: drawn without replacement from the seed's stream before partitioning, or,
             for ``synthetic-cifar10``, generated at that size.
         hidden_sizes: The MLP's hidden widths (``None``: 200, 200); ``mlp`` only.
+        synthetic_alpha: ``synthetic``'s ``alpha``, the spread of the clients' labelling
+            rules (``None``: 1).
+        synthetic_beta: ``synthetic``'s ``beta``, the spread of their feature means
+            (``None``: 1).
         num_clients: Clients in the federation.
         rounds: Communication rounds.
         sample_ratio: Fraction of clients that train in each round, in ``(0, 1]``.
@@ -344,6 +358,8 @@ class RunConfig:
     min_size: int | None = None
     train_size: int | None = None
     hidden_sizes: list[int] | None = None
+    synthetic_alpha: float | None = None
+    synthetic_beta: float | None = None
     num_clients: int = 10
     rounds: int = 20
     sample_ratio: float = 1.0
@@ -415,7 +431,8 @@ class RunConfig:
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_choice("model", self.model, MODEL_NAMES)
         _check_choice("dataset", self.dataset, DATASET_NAMES)
-        _check_choice("partition", self.partition, PARTITION_METHODS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        self._validate_natural()
         _check_choice("mode", self.mode, MODES)
         for key in ("num_clients", "rounds", "epochs", "batch_size"):
             _check_at_least(key, getattr(self, key), 1)
@@ -541,6 +558,35 @@ class RunConfig:
                     f"hidden_sizes sets the widths of model 'mlp'; model {self.model!r} does not "
                     "use it"
                 )
+
+    def _validate_natural(self) -> None:
+        natural = self.dataset in NATURAL_DATASETS
+        if natural and self.partition != "natural":
+            raise ConfigError(
+                f"data set {self.dataset!r} comes split by client (each client its own "
+                "distribution): use --partition natural"
+            )
+        if self.partition == "natural" and not natural:
+            raise ConfigError(
+                f"partition 'natural' takes the clients a data set comes with; "
+                f"{self.dataset!r} has none (natural: {', '.join(NATURAL_DATASETS)})"
+            )
+        for key in ("synthetic_alpha", "synthetic_beta"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.dataset != "synthetic":
+                raise ConfigError(
+                    f"{key} (set to {value}) is an option of data set 'synthetic', not "
+                    f"{self.dataset!r}"
+                )
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a number >= 0, got {value}")
+        if natural and self.train_size is not None:
+            raise ConfigError(
+                "train_size subsamples a pooled data set; 'synthetic' is generated per client "
+                "(its sizes come from the seed): drop --train-size"
+            )
 
     def is_async(self) -> bool:
         """Whether the algorithm is asynchronous (:data:`ASYNC_ALGORITHMS`)."""
@@ -821,6 +867,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "min_size": (int,),
     "train_size": (int,),
     "hidden_sizes": (list,),
+    "synthetic_alpha": (float, int),
+    "synthetic_beta": (float, int),
     "num_clients": (int,),
     "rounds": (int,),
     "sample_ratio": (float, int),
@@ -888,6 +936,8 @@ _OPTIONAL = frozenset(
         "chunk_size",
         "train_size",
         "hidden_sizes",
+        "synthetic_alpha",
+        "synthetic_beta",
         *_ALL_PARTITION_KEYS,
         *_ALL_ALGORITHM_KEYS,
         "poc_candidates",

@@ -287,7 +287,7 @@ def _prepare_dirs(path: Path, *, resume: bool) -> None:
 
 
 def _load_data(config: RunConfig) -> FLDataset:
-    on_disk = config.dataset not in ("digits", "synthetic-cifar10")
+    on_disk = config.dataset not in ("digits", "synthetic-cifar10", "synthetic")
     if on_disk and config.data_root is None:
         raise ConfigError(
             f"data set {config.dataset!r} is read from disk and nothing is downloaded: pass "
@@ -301,7 +301,13 @@ def _load_data(config: RunConfig) -> FLDataset:
     # A generated data set is generated at the requested size (its samples are i.i.d. and
     # its classes balanced); the others are subsampled.
     generate = config.dataset == "synthetic-cifar10" and config.train_size is not None
-    options = {"num_train": config.train_size} if generate else {}
+    options: dict[str, Any] = {"num_train": config.train_size} if generate else {}
+    if config.dataset == "synthetic":
+        options = {
+            "num_clients": config.num_clients,
+            "alpha": 1.0 if config.synthetic_alpha is None else float(config.synthetic_alpha),
+            "beta": 1.0 if config.synthetic_beta is None else float(config.synthetic_beta),
+        }
     try:
         data = load_dataset(
             config.dataset,
@@ -744,9 +750,13 @@ def run_experiment(
     options: dict[str, Any] = dict(partition_options(config, data.num_train))
     config = dataclasses.replace(config, **options)
     labels = data.train_y.numpy()
-    parts: Partition = partition(
-        labels, config.num_clients, method=config.partition, seed=config.seed, **options
-    )
+    parts: Partition
+    if config.partition == "natural" and data.train_owner is not None:
+        parts = Partition.from_owner(data.train_owner.numpy(), config.num_clients)
+    else:
+        parts = partition(
+            labels, config.num_clients, method=config.partition, seed=config.seed, **options
+        )
     counts = class_counts(labels, parts, data.num_classes)
     models = Models(
         input_shape=data.input_shape,

@@ -27,6 +27,7 @@ from emberfl.data.datasets import (
     load_fashion_mnist,
     load_mnist,
     synthetic_cifar10,
+    synthetic_fedprox,
 )
 from emberfl.data.partition import (
     PARTITION_METHODS,
@@ -76,5 +77,6 @@ __all__ = [
     "read_partition_csv",
     "shards_partition",
     "synthetic_cifar10",
+    "synthetic_fedprox",
     "write_partition_csv",
 ]

@@ -41,7 +41,7 @@ import torch
 from emberfl.data._options import check_options, unknown_name
 from emberfl.data.partition import _apportion
 from emberfl.errors import ConfigError, DatasetNotFoundError
-from emberfl.rng import Purpose, numpy_generator
+from emberfl.rng import Purpose, numpy_generator, stream
 
 __all__ = [
     "DATASET_NAMES",
@@ -53,6 +53,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "synthetic_cifar10",
+    "synthetic_fedprox",
 ]
 
 PathArg = str | os.PathLike[str]
@@ -69,6 +70,8 @@ class FLDataset:
         test_x: Test images, float32 ``(N_test, C, H, W)``.
         test_y: Test labels, int64 ``(N_test,)``.
         num_classes: The number of classes.
+        train_owner: For a data set that comes split by client (``synthetic``): the
+            client of every training sample, int64 ``(N_train,)``; ``None`` otherwise.
 
     Raises:
         ValueError: On construction, if the tensors' dtypes or lengths do not match.
@@ -80,6 +83,7 @@ class FLDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    train_owner: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         """Check dtypes and that images and labels have matching lengths."""
@@ -97,6 +101,11 @@ class FLDataset:
                     f"{self.name} {split}: {tuple(x.shape)} images do not match "
                     f"{tuple(y.shape)} labels"
                 )
+        owner = self.train_owner
+        if owner is not None and (owner.dtype != torch.int64 or owner.shape != self.train_y.shape):
+            raise ValueError(
+                f"{self.name}: train_owner must be int64 with one entry per training sample"
+            )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(
                 f"{self.name}: train images {tuple(self.train_x.shape[1:])} and test images "
@@ -508,12 +517,118 @@ def load_fashion_mnist(data_root: PathArg, *, normalize: bool = True) -> FLDatas
 
 
 # --------------------------------------------------------------------------------------------
+# FedProx's Synthetic(alpha, beta)
+# --------------------------------------------------------------------------------------------
+
+SYNTHETIC_DIM = 60
+"""Synthetic(alpha, beta)'s input dimension."""
+SYNTHETIC_CLASSES = 10
+"""Synthetic(alpha, beta)'s classes."""
+
+
+def synthetic_fedprox(
+    *,
+    seed: int,
+    num_clients: int = 30,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    test_fraction: float = 0.1,
+) -> FLDataset:
+    """Generate FedProx's Synthetic(alpha, beta) data, split by client (Li et al., 2020).
+
+    Client ``k`` draws, from its own stream ``(seed, SYNTHETIC_DATA, k)``:
+
+    * its size ``n_k = floor(exp(4 + 2 z)) + 50`` (``z`` standard normal: power-law sizes);
+    * a model ``W_k`` (10 x 60) and ``b_k`` (10) with entries ``N(u_k, 1)``, ``u_k ~ N(0,
+      alpha^2)``;
+    * a feature mean ``v_k`` with entries ``N(B_k, 1)``, ``B_k ~ N(0, beta^2)`` (how far its
+      inputs are from the others');
+    * ``n_k`` inputs ``x ~ N(v_k, diag(j^-1.2))`` and labels ``y = argmax(W_k x + b_k)``.
+
+    ``alpha`` and ``beta`` are standard deviations, as in FedProx's own generator. Two
+    properties of the definition worth knowing: the clients' models are independent
+    draws at every ``alpha``, and since ``x`` stays close to ``v_k`` each client's labels
+    are concentrated on a few classes (about 84% on its most frequent one) whatever
+    ``alpha`` and ``beta``; and a scalar ``u_k`` adds ``u_k (1 + sum_j x_j)`` to every
+    class's score alike, so ``alpha`` changes the models' spread but not the labels.
+    ``beta`` moves the clients' inputs apart. Each client's last ``test_fraction`` of
+    samples (at least one when it has two) goes to the test split, so the test set follows
+    the clients' mixture.
+
+    Args:
+        seed: The experiment seed.
+        num_clients: The number of clients (>= 1).
+        alpha: The spread of the clients' models (>= 0).
+        beta: The spread of the clients' feature means (>= 0).
+        test_fraction: Each client's share of test samples, in ``[0, 1)``.
+
+    Returns:
+        The data set (name ``"synthetic"``), inputs ``(N, 60)`` float32, with
+        :attr:`FLDataset.train_owner` naming every training sample's client.
+
+    Raises:
+        ConfigError: For a value out of range.
+    """
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    for what, value in (("synthetic_alpha", alpha), ("synthetic_beta", beta)):
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ConfigError(f"{what} must be a number >= 0, got {value}")
+    if not (math.isfinite(float(test_fraction)) and 0 <= float(test_fraction) < 1):
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    d, c = SYNTHETIC_DIM, SYNTHETIC_CLASSES
+    scale = np.power(np.arange(1, d + 1, dtype=np.float64), -1.2) ** 0.5
+    parts: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, bool]] = []
+    for k in range(num_clients):
+        draw = stream(seed, purpose=Purpose.SYNTHETIC_DATA, client=k)
+        z, u_raw, b_raw = draw.normal(3)
+        n = math.floor(math.exp(4.0 + 2.0 * float(z))) + 50
+        u = float(alpha) * float(u_raw)
+        big_b = float(beta) * float(b_raw)
+        w = u + draw.normal(c * d).reshape(c, d)
+        bias = u + draw.normal(c)
+        v = big_b + draw.normal(d)
+        x = v + draw.normal(n * d).reshape(n, d) * scale
+        y = np.argmax(x @ w.T + bias, axis=1)
+        n_test = round(n * float(test_fraction))
+        if float(test_fraction) > 0 and n >= 2:
+            n_test = min(max(n_test, 1), n - 1)
+        cut = n - n_test
+        parts.append((x[:cut], y[:cut], k, True))
+        parts.append((x[cut:], y[cut:], k, False))
+    train = [(x, y, k) for x, y, k, is_train in parts if is_train]
+    test = [(x, y) for x, y, _, is_train in parts if not is_train]
+
+    def tensors(chunks: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = np.concatenate([ch[0] for ch in chunks]) if chunks else np.zeros((0, d))
+        ys = np.concatenate([ch[1] for ch in chunks]) if chunks else np.zeros(0)
+        return (
+            torch.from_numpy(xs.astype(np.float32)),
+            torch.from_numpy(ys.astype(np.int64)),
+        )
+
+    train_x, train_y = tensors(train)
+    test_x, test_y = tensors(test)
+    owner = np.concatenate([np.full(len(y), k, dtype=np.int64) for _, y, k in train])
+    return FLDataset(
+        name="synthetic",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=c,
+        train_owner=torch.from_numpy(owner),
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
 
 _SEEDED: dict[str, Callable[..., FLDataset]] = {
     "digits": load_digits_dataset,
     "synthetic-cifar10": synthetic_cifar10,
+    "synthetic": synthetic_fedprox,
 }
 _ON_DISK: dict[str, Callable[..., FLDataset]] = {
     "cifar10": load_cifar10,

@@ -28,6 +28,9 @@ class ModelName(StrEnum):
     """Two hidden layers of 200 units (:class:`~emberfl.models.mlp.MLP`)."""
     RESNET18 = "resnet18"
     """CIFAR-style ResNet-18 (:class:`~emberfl.models.resnet.ResNet18`)."""
+    LOGREG = "logreg"
+    """Multinomial logistic regression: one linear layer (an :class:`~emberfl.models.mlp.MLP`
+    without hidden layers), FedProx's model for its synthetic data."""
 
 
 MODEL_NAMES: tuple[str, ...] = tuple(m.value for m in ModelName)
@@ -109,4 +112,6 @@ def _build(
         return SmallCNN(input_shape, num_classes)
     if name is ModelName.MLP:
         return MLP(input_shape, num_classes, hidden=tuple(hidden))
+    if name is ModelName.LOGREG:
+        return MLP(input_shape, num_classes, hidden=())
     return ResNet18(input_shape, num_classes)
