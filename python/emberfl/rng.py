@@ -53,6 +53,7 @@ class Purpose(enum.IntEnum):
     COMPRESSION = 14
     CLIENT_SPEED = 15
     DP_SGD_NOISE = 16
+    FEATURE_NOISE = 17
 
 
 def _check_u64(name: str, value: int) -> int:

@@ -188,7 +188,17 @@ def _run_options() -> list[_RunOption]:
             PARTITIONS,
             "METHOD",
             "how the training data is split among clients (natural: the clients the data "
-            "set comes with, for --dataset synthetic)",
+            "set comes with, for --dataset synthetic; feature-noise: IID with more noise on "
+            "each next client's inputs)",
+        ),
+        (
+            "--noise",
+            "noise",
+            float,
+            None,
+            "S",
+            "feature-noise: client k of N gets Gaussian noise of std S (k+1)/N on its inputs "
+            "(default 0.1)",
         ),
         (
             "--synthetic-alpha",
@@ -710,6 +720,14 @@ def _add_run_parser(commands: Any) -> None:
         default=argparse.SUPPRESS,
         help="compressing clients drop what their payload leaves out instead of sending it "
         "in later rounds",
+    )
+    run.add_argument(
+        "--augment",
+        dest="augment",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="random crop (padding 4) and horizontal flip of every client training batch, "
+        "drawn from the client's own stream (default: on for cifar10 and cifar100)",
     )
     run.add_argument(
         "--drop-stragglers",

@@ -112,7 +112,7 @@ MODES: tuple[str, ...] = ("serial", "thread", "process", "vectorized")
 ``chunk_size`` clients at once as one stacked model (``vectorized``: equal to the others up
 to float rounding, about 1e-6 relative, not bitwise)."""
 
-PARTITIONS: tuple[str, ...] = (*PARTITION_METHODS, "natural")
+PARTITIONS: tuple[str, ...] = (*PARTITION_METHODS, "natural", "feature-noise")
 """The partitions ``emberfl run`` takes: the label-based methods of
 :func:`emberfl.data.partition`, and ``natural`` (the clients a data set comes with)."""
 NATURAL_DATASETS = ("synthetic",)
@@ -127,6 +127,7 @@ PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
     "label-quantity": {"classes_per_client": 2},
     "client-dirichlet": {"alpha": 0.5},
     "natural": {},
+    "feature-noise": {"noise": 0.1},
 }
 """Each partition method's options and their defaults (``None``: chosen from the data,
 see :func:`partition_options`)."""
@@ -234,6 +235,11 @@ class RunConfig:
         classes_per_client: Classes per client (``label-quantity``; default 2).
         min_size: Smallest client size (``dirichlet``, ``iid-dirichlet``,
             ``iid-lognormal``; default ``min(10, train size // (4 * num_clients))``).
+        noise: ``feature-noise``'s level: client ``k`` of ``N`` gets Gaussian noise of
+            standard deviation ``noise * (k + 1) / N`` on its training inputs (default 0.1).
+        augment: Random crop and horizontal flip of every client training batch from the
+            client's stream (:class:`emberfl.data.skew.CropFlip`; ``None``: on for
+            ``cifar10`` and ``cifar100``, off otherwise).
         train_size: Use this many training samples (``None``: all of them), for quick
             runs: drawn without replacement from the seed's stream before partitioning, or,
             for ``synthetic-cifar10``, generated at that size.
@@ -356,6 +362,8 @@ class RunConfig:
     shards_per_client: int | None = None
     classes_per_client: int | None = None
     min_size: int | None = None
+    noise: float | None = None
+    augment: bool | None = None
     train_size: int | None = None
     hidden_sizes: list[int] | None = None
     synthetic_alpha: float | None = None
@@ -542,6 +550,13 @@ class RunConfig:
                 _check_at_least(key, getattr(self, key), 1)
         if self.min_size is not None:
             _check_at_least("min_size", self.min_size, 0)
+        if self.noise is not None and not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ConfigError(f"noise must be a number >= 0, got {self.noise}")
+        if self.augment and self.dataset in ("digits", "synthetic"):
+            raise ConfigError(
+                f"augment crops and flips images; data set {self.dataset!r} is not one "
+                "(8x8 digits or 60-d vectors)"
+            )
         if self.chunk_size is not None:
             _check_at_least("chunk_size", self.chunk_size, 1)
         if self.train_size is not None:
@@ -587,6 +602,12 @@ class RunConfig:
                 "train_size subsamples a pooled data set; 'synthetic' is generated per client "
                 "(its sizes come from the seed): drop --train-size"
             )
+
+    def augments(self) -> bool:
+        """Whether client batches are augmented (``augment`` with its default)."""
+        if self.augment is not None:
+            return bool(self.augment)
+        return self.dataset in ("cifar10", "cifar100")
 
     def is_async(self) -> bool:
         """Whether the algorithm is asynchronous (:data:`ASYNC_ALGORITHMS`)."""
@@ -852,7 +873,14 @@ class RunConfig:
         return max(1, min(os.cpu_count() or 1, self.clients_per_round()))
 
 
-_ALL_PARTITION_KEYS = ("alpha", "sigma", "shards_per_client", "classes_per_client", "min_size")
+_ALL_PARTITION_KEYS = (
+    "alpha",
+    "sigma",
+    "shards_per_client",
+    "classes_per_client",
+    "min_size",
+    "noise",
+)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "output_dir": (str,),
     "algorithm": (str,),
@@ -865,6 +893,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "shards_per_client": (int,),
     "classes_per_client": (int,),
     "min_size": (int,),
+    "noise": (float, int),
+    "augment": (bool,),
     "train_size": (int,),
     "hidden_sizes": (list,),
     "synthetic_alpha": (float, int),
@@ -936,6 +966,7 @@ _OPTIONAL = frozenset(
         "chunk_size",
         "train_size",
         "hidden_sizes",
+        "augment",
         "synthetic_alpha",
         "synthetic_beta",
         *_ALL_PARTITION_KEYS,

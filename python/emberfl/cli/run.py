@@ -94,6 +94,7 @@ from emberfl.data import (
     write_partition_csv,
 )
 from emberfl.data.partitioned import TensorPartitionedDataset, TensorSplit
+from emberfl.data.skew import CropFlip, add_feature_noise
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.evaluation import evaluate
 from emberfl.executors import ClientSetup, make_executor
@@ -594,6 +595,8 @@ def _say(out: TextIO, config: RunConfig, text: str) -> None:
 def _describe(config: RunConfig, data: FLDataset, device: str, options: dict[str, Any]) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
     part = f"{config.partition}({opts})" if opts else config.partition
+    if config.augments():
+        part += ", crop-and-flip augmentation"
     workers = "" if config.mode == "serial" else f" x{config.workers()}"
     if config.mode == "vectorized":
         workers += f" (chunk {config.chunk_size or 'auto'})"
@@ -753,6 +756,8 @@ def run_experiment(
     parts: Partition
     if config.partition == "natural" and data.train_owner is not None:
         parts = Partition.from_owner(data.train_owner.numpy(), config.num_clients)
+    elif config.partition == "feature-noise":
+        parts = partition(labels, config.num_clients, method="iid", seed=config.seed)
     else:
         parts = partition(
             labels, config.num_clients, method=config.partition, seed=config.seed, **options
@@ -799,8 +804,16 @@ def run_experiment(
             else f"no checkpoint in {run_dir}: starting it again from round 0",
         )
 
+    if config.partition == "feature-noise":
+        index = [torch.from_numpy(np.asarray(ix).copy()) for ix in parts]
+        noisy = add_feature_noise(data.train_x, index, float(options["noise"]), config.seed)
+        data = dataclasses.replace(data, train_x=noisy)
     pdata = TensorPartitionedDataset(
-        data, parts, client_test_fraction=config.test_fraction(), seed=config.seed
+        data,
+        parts,
+        client_test_fraction=config.test_fraction(),
+        seed=config.seed,
+        augment=CropFlip() if config.augments() else None,
     )
     if config.attack == "label-flip" and config.malicious_fraction is not None:
         bad = malicious_clients(config.seed, config.num_clients, float(config.malicious_fraction))

@@ -10,6 +10,8 @@ are gathered with one indexing operation instead of one ``__getitem__`` per samp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emberfl.algorithms.base import Split as FedAvgPartitionType
 from emberfl.data import FLDataset, Partition
+from emberfl.data.skew import Augment
 from emberfl.errors import ConfigError
 from emberfl.rng import Purpose, stream
 
@@ -67,6 +70,18 @@ def _batch_as_is(batch: Any) -> Any:
     return batch
 
 
+@dataclass(frozen=True)
+class _Augmented:
+    """A collate function that augments each batch's images with the loader's generator."""
+
+    augment: Augment
+    generator: torch.Generator
+
+    def __call__(self, batch: Any) -> Any:
+        images, labels = batch
+        return self.augment(images, self.generator), labels
+
+
 class TensorPartitionedDataset:
     """An :class:`~emberfl.data.FLDataset` split among clients by a partition.
 
@@ -97,6 +112,7 @@ class TensorPartitionedDataset:
         *,
         client_test_fraction: float = 0.0,
         seed: int = 0,
+        augment: Augment | None = None,
     ) -> None:
         """Create the data set.
 
@@ -108,6 +124,9 @@ class TensorPartitionedDataset:
                 for a client of two or more samples and never all of them, chosen by the
                 stream ``(seed, CLIENT_TEST_SPLIT, k)``.
             seed: The experiment seed.
+            augment: Applied to every client training batch with the generator the
+                client's loader shuffles with (:class:`emberfl.data.skew.CropFlip`, or any
+                ``(images, generator) -> images``); ``None``: none.
 
         Raises:
             ConfigError: If the partition does not cover the training split, or the
@@ -128,6 +147,7 @@ class TensorPartitionedDataset:
         self.test_x = data.test_x
         self.test_y = data.test_y
         self.client_test_fraction = float(client_test_fraction)
+        self.augment = augment
         self.client_index: list[torch.Tensor] = []
         self.client_test_index: list[torch.Tensor] = []
         for cid, idx in enumerate(partition):
@@ -219,10 +239,14 @@ class TensorPartitionedDataset:
             A loader yielding ``(images, labels)`` batches.
         """
         split = self.get_dataset(type_, cid)
+        train = type_ == FedAvgPartitionType.TRAIN and cid is not None
+        collate: Callable[[Any], Any] = _batch_as_is
+        if train and self.augment is not None and generator is not None:
+            collate = _Augmented(self.augment, generator)
         return DataLoader(
             split,
             batch_size=batch_size or max(len(split), 1),
-            shuffle=type_ == FedAvgPartitionType.TRAIN and cid is not None,
+            shuffle=train,
             generator=generator,
-            collate_fn=_batch_as_is,
+            collate_fn=collate,
         )
