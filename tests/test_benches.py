@@ -164,7 +164,14 @@ def test_algorithm_bench_runs_and_records(tmp_path: Path) -> None:
     import bench_algorithms
 
     args = argparse.Namespace(
-        clients=6, sample_ratio=0.5, rounds=2, epochs=1, batch_size=16, lr=0.05, stragglers=0.5
+        clients=6,
+        sample_ratio=0.5,
+        rounds=2,
+        epochs=1,
+        batch_size=16,
+        lr=0.05,
+        stragglers=0.5,
+        dataset="digits",
     )
     for algorithm in ("fedavg", "scaffold", "qffl"):
         result = bench_algorithms.run_one(algorithm, 0, args, tmp_path, {})
@@ -172,6 +179,9 @@ def test_algorithm_bench_runs_and_records(tmp_path: Path) -> None:
         assert 0.0 <= result["final_accuracy"] <= 1.0
         assert result["best_accuracy"] >= result["final_accuracy"]
         assert result["mean_round_s"] > 0
+    args.dataset, args.synthetic, args.clients = "synthetic", "1,1", 4
+    synthetic = bench_algorithms.run_one("fedprox", 0, args, tmp_path, {"prox_mu": 1.0})
+    assert 0.0 <= synthetic["final_accuracy"] <= 1.0
 
 
 def test_algorithm_cost_bench_times_every_kind(data_dir: Path) -> None:
