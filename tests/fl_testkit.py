@@ -239,3 +239,39 @@ class WritesBroadcast(FedAvg):
             with torch.no_grad():
                 client.broadcast["model"].add_(1.0)
         return super().client_update(client)
+
+
+def sigkill_after_checkpoint(argv: list[str], run_dir: Any, *, min_round: int = 2) -> int:
+    """Run ``python -m emberfl run --output-dir RUN_DIR ARGV`` and SIGKILL it as soon as
+    its checkpoint holds round ``min_round`` or later; return the checkpoint's round.
+
+    Fails (an ``AssertionError``) if the run ends first or no such checkpoint appears in
+    120 s.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from emberfl.cli.checkpoint import load_checkpoint
+
+    command = [sys.executable, "-m", "emberfl", "run", "--output-dir", str(run_dir), *argv]
+    with subprocess.Popen(command, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    checkpoint = load_checkpoint(run_dir)
+                except Exception:  # not written yet, or being written
+                    checkpoint = None
+                if checkpoint is not None and checkpoint.round >= min_round:
+                    break
+                assert proc.poll() is None, "the run ended before it could be killed"
+                assert time.monotonic() < deadline, "no checkpoint after 120 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            proc.kill()
+    stopped = load_checkpoint(run_dir)
+    assert stopped is not None
+    return stopped.round

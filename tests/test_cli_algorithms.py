@@ -28,6 +28,7 @@ from emberfl.algorithms import (
 )
 from emberfl.cli import main
 from emberfl.cli.config import ALGORITHM_OPTIONS, RunConfig, build_algorithm
+from fl_testkit import sigkill_after_checkpoint
 
 TINY = [
     "--num-clients", "4", "--epochs", "1", "--batch-size", "16", "--train-size", "300",
@@ -211,13 +212,6 @@ def test_stragglers_change_the_run_and_are_recorded(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam", "ditto", "ifca"])
 def test_sigkill_then_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, name: str) -> None:
     """Server and client state survive a SIGKILL of a process-mode run between checkpoints."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from emberfl.cli.checkpoint import load_checkpoint
-
     options = [
         "--algorithm", name, "--rounds", "30", "--checkpoint-every", "1", "--sample-ratio",
         "0.5", *TINY,
@@ -225,28 +219,8 @@ def test_sigkill_then_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path, n
     whole = tmp_path / "whole"
     assert run("--output-dir", str(whole), *options, "--mode", "serial") == 0
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "emberfl", "run", "--output-dir", str(run_dir), *options]
-    with subprocess.Popen(
-        [*command, "--mode", "process", "--parallelism", "2"], stderr=subprocess.PIPE
-    ) as proc:
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    checkpoint = load_checkpoint(run_dir)
-                except Exception:  # not written yet
-                    checkpoint = None
-                if checkpoint is not None and checkpoint.round >= 2:
-                    break
-                assert proc.poll() is None, "the run ended before it could be killed"
-                assert time.monotonic() < deadline, "no checkpoint after 120 s"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            proc.kill()
-    stopped = load_checkpoint(run_dir)
-    assert stopped is not None and 2 <= stopped.round < 30
+    argv = [*options, "--mode", "process", "--parallelism", "2"]
+    assert 2 <= sigkill_after_checkpoint(argv, run_dir) < 30
     assert run("--resume", str(run_dir), "--quiet") == 0
     final = (run_dir / "final_model.safetensors").read_bytes()
     assert final == (whole / "final_model.safetensors").read_bytes()

@@ -10,10 +10,6 @@ staleness; options that do not apply are one-line usage errors.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ from safetensors.torch import load_file
 from emberfl.cli import main
 from emberfl.cli.checkpoint import load_checkpoint
 from emberfl.cli.report import format_report
+from fl_testkit import sigkill_after_checkpoint
 
 TINY = [
     "--num-clients", "8", "--epochs", "1", "--batch-size", "16", "--train-size", "300",
@@ -109,28 +106,10 @@ def test_sigkill_then_resume_gives_an_uninterrupted_runs_bytes(tmp_path: Path) -
     whole = tmp_path / "whole"
     assert run("--output-dir", str(whole), *options) == 0
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "emberfl", "run", "--output-dir", str(run_dir), *options]
-    with subprocess.Popen(
-        [*command, "--mode", "thread", "--parallelism", "2"], stderr=subprocess.PIPE
-    ) as proc:
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    checkpoint = load_checkpoint(run_dir)
-                except Exception:  # not written yet
-                    checkpoint = None
-                if checkpoint is not None and checkpoint.round >= 2:
-                    break
-                assert proc.poll() is None, "the run ended before it could be killed"
-                assert time.monotonic() < deadline, "no checkpoint after 120 s"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            proc.kill()
-    stopped = load_checkpoint(run_dir)
-    assert stopped is not None and 2 <= stopped.round < 40
+    stopped = sigkill_after_checkpoint(
+        [*options, "--mode", "thread", "--parallelism", "2"], run_dir
+    )
+    assert 2 <= stopped < 40
     assert run("--resume", str(run_dir), "--quiet") == 0
     final = (run_dir / "final_model.safetensors").read_bytes()
     assert final == (whole / "final_model.safetensors").read_bytes()

@@ -769,13 +769,7 @@ class RunConfig:
                 f"sample_ratio), which its accounting assumes; client_selection "
                 f"{self.client_selection!r} cannot be used with it"
             )
-        sigma, clip, delta = self.dp_parameters()
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ConfigError(f"dp_noise_multiplier must be a positive number, got {sigma}")
-        if not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"dp_clip_norm must be a positive number, got {clip}")
-        if not (math.isfinite(delta) and 0 < delta < 1):
-            raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        sigma, _, delta = self._checked_dp_parameters()
         from emberfl.algorithms import ModelLayout
         from emberfl.privacy import epsilon
 
@@ -790,6 +784,17 @@ class RunConfig:
             build_aggregator(self)
         except InvalidArgumentError as exc:
             raise ConfigError(f"dp: {exc}") from None
+
+    def _checked_dp_parameters(self) -> tuple[float, float, float]:
+        """:meth:`dp_parameters`, each checked: sigma and C positive, delta in (0, 1)."""
+        sigma, clip, delta = self.dp_parameters()
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"dp_noise_multiplier must be a positive number, got {sigma}")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"dp_clip_norm must be a positive number, got {clip}")
+        if not (math.isfinite(delta) and 0 < delta < 1):
+            raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        return sigma, clip, delta
 
     def _validate_local_dp(self) -> None:
         if self.dp_adaptive_clip_quantile is not None:
@@ -808,13 +813,7 @@ class RunConfig:
                 "dp 'local' protects what a client sends, but power-of-choice selection sends "
                 "each candidate's loss on its data; use client_selection uniform or size"
             )
-        sigma, clip, delta = self.dp_parameters()
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ConfigError(f"dp_noise_multiplier must be a positive number, got {sigma}")
-        if not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"dp_clip_norm must be a positive number, got {clip}")
-        if not (math.isfinite(delta) and 0 < delta < 1):
-            raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
+        sigma, _, delta = self._checked_dp_parameters()
         from emberfl.privacy import epsilon
 
         epsilon(sigma, 0.5, 1, delta)  # the accountant is installed
