@@ -242,6 +242,16 @@ def test_report_prints_config_summary_and_partition(
     assert "final test accuracy" in text
     assert "label skew (mean TV distance" in text
     assert "clients" in text
+    # One line per client: its size and largest classes, from partition.csv.
+    import csv
+
+    with (run_dir / "partition.csv").open() as f:
+        first = next(csv.DictReader(f))
+    counts = {k: int(v) for k, v in first.items() if k.startswith("class_")}
+    biggest = max(counts, key=lambda k: (counts[k], -int(k[6:])))
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("0 "))
+    assert line.split()[1] == first["total"]
+    assert line.split()[2] == f"{biggest[6:]}:{counts[biggest]}"
 
 
 @pytest.mark.parametrize("command", ["plot", "report"])

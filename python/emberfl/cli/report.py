@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from emberfl.cli.checkpoint import load_checkpoint
 from emberfl.cli.config import unreadable_reason
@@ -19,7 +20,10 @@ from emberfl.cli.run import (
 from emberfl.data import partition_stats, read_partition_csv
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 
-__all__ = ["format_report"]
+__all__ = ["MAX_CLIENT_LINES", "format_report"]
+
+MAX_CLIENT_LINES = 20
+"""The clients the report lists one by one (the rest are in ``partition.csv``)."""
 
 _STAT_LABELS = (
     ("num_clients", "clients", "{:.0f}"),
@@ -60,7 +64,9 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
 
     Returns:
         The configuration (as TOML), the status, the summary table, the partition
-        statistics and, for asynchronous runs, the staleness histogram, as text.
+        statistics with each client's size and largest classes (the first
+        :data:`MAX_CLIENT_LINES`), and, for asynchronous runs, the staleness histogram, as
+        text.
 
     Raises:
         ConfigError: If ``run_dir`` is not a run directory or its ``config.toml`` is not
@@ -110,6 +116,8 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
             for key, label, fmt in _STAT_LABELS
             if key in stats
         ]
+        parts += ["", "clients (size: the largest classes, class:samples)"]
+        parts += _client_lines(read_partition_csv(csv_path))
     staleness_path = run / STALENESS_CSV
     if staleness_path.is_file():
         parts += ["", "staleness (reports per server updates since the client started)"]
@@ -118,6 +126,19 @@ def format_report(run_dir: str | os.PathLike[str]) -> str:
         except (ValueError, OSError) as exc:
             parts.append(f"  {staleness_path} is unreadable: {unreadable_reason(exc)}")
     return "\n".join(parts)
+
+
+def _client_lines(counts: Any, shown: int = MAX_CLIENT_LINES, top: int = 4) -> list[str]:
+    """One line per client: its size and its ``top`` largest classes."""
+    rows = []
+    for cid, row in enumerate(counts[:shown]):
+        size = int(row.sum())
+        order = sorted(range(len(row)), key=lambda k: (-int(row[k]), k))[:top]
+        classes = " ".join(f"{k}:{int(row[k])}" for k in order if row[k])
+        rows.append(f"  {cid:>5}  {size:>7}  {classes}")
+    if len(counts) > shown:
+        rows.append(f"  ... {len(counts) - shown} more clients (all of them in {PARTITION_CSV})")
+    return rows
 
 
 def _histogram(counts: list[tuple[int, int]], width: int = 40) -> list[str]:
