@@ -259,7 +259,7 @@ def test_mnist_like_files_are_read(name: str, tmp_path: Path) -> None:
 
 
 def test_load_dataset_dispatches() -> None:
-    assert set(DATASET_NAMES) == {"digits", "synthetic-cifar10", "synthetic", *ON_DISK}
+    assert set(DATASET_NAMES) == {"digits", "synthetic-cifar10", "synthetic", "fcube", *ON_DISK}
     a = load_dataset("digits", seed=4)
     b = load_digits_dataset(seed=4)
     assert torch.equal(a.train_x, b.train_x)

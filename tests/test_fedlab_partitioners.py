@@ -129,3 +129,27 @@ def test_bad_schemes_and_options_are_clear_errors() -> None:
         CIFAR10Partitioner(LABELS, 0)
     with pytest.raises(PartitionError):  # more clients than samples
         CIFAR10Partitioner(LABELS[:5], 10, balance=True, partition="iid")
+
+
+def test_fcube_and_its_partitioner_split_the_cube_by_symmetric_octants() -> None:
+    from emberfl.data import fcube
+    from emberfl.data.partitioners import FCUBEPartitioner
+
+    data = fcube(num_train=2000, num_test=100, seed=1)
+    x, y = data.train_x.numpy(), data.train_y.numpy()
+    assert x.shape == (2000, 3) and float(np.abs(x).max()) <= 1.0
+    assert np.array_equal(y, (x[:, 0] > 0).astype(np.int64))  # labels by the plane x1 = 0
+    part = FCUBEPartitioner(x, "synthetic")
+    assert len(part) == 4
+    owner = np.empty(2000, dtype=np.int64)
+    for c in range(4):
+        owner[part[c]] = c
+        assert set(y[part[c]].tolist()) == {0, 1}  # both classes on every client
+        signs = np.sign(x[part[c]])
+        # two octants, mirror images of each other through the origin
+        assert len({tuple(s) for s in signs.tolist()}) == 2
+    assert np.array_equal(owner, data.train_owner.numpy())  # type: ignore[union-attr]
+    iid = FCUBEPartitioner(x, "iid", seed=2)
+    assert {len(iid[c]) for c in range(4)} == {500}
+    with pytest.raises(ConfigError, match="has no partition 'shards'"):
+        FCUBEPartitioner(x, "shards")

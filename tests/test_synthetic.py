@@ -130,3 +130,29 @@ def test_bad_synthetic_options_are_usage_errors(
     assert len(err.splitlines()) == 1 and err.startswith("emberfl: error: "), err
     assert message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_fcube_runs_with_its_natural_split_and_any_other(tmp_path: Path) -> None:
+    base = ["--dataset", "fcube", "--model", "logreg", "--rounds", "2", "--epochs", "1",
+            "--quiet"]  # fmt: skip
+    natural = tmp_path / "natural"
+    argv = [*base, "--partition", "natural", "--num-clients", "4", "--output-dir", str(natural)]
+    assert main(["run", *argv]) == 0
+    with (natural / "partition.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(int(r["class_0"]) and int(r["class_1"]) for r in rows)
+    iid = tmp_path / "iid"
+    assert main(["run", *base, "--partition", "iid", "--train-size", "400",
+                 "--output-dir", str(iid)]) == 0  # fmt: skip
+    with (iid / "partition.csv").open() as f:
+        assert sum(int(r["total"]) for r in csv.DictReader(f)) == 400
+    bad = [
+        *base,
+        "--partition",
+        "natural",
+        "--num-clients",
+        "5",
+        "--output-dir",
+        str(tmp_path / "b"),
+    ]
+    assert main(["run", *bad]) == 2

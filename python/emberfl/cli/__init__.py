@@ -188,7 +188,7 @@ def _run_options() -> list[_RunOption]:
             PARTITIONS,
             "METHOD",
             "how the training data is split among clients (natural: the clients the data "
-            "set comes with, for --dataset synthetic; feature-noise: IID with more noise on "
+            "set comes with: synthetic, fcube; feature-noise: IID with more noise on "
             "each next client's inputs)",
         ),
         (

@@ -115,7 +115,7 @@ to float rounding, about 1e-6 relative, not bitwise)."""
 PARTITIONS: tuple[str, ...] = (*PARTITION_METHODS, "natural", "feature-noise")
 """The partitions ``emberfl run`` takes: the label-based methods of
 :func:`emberfl.data.partition`, and ``natural`` (the clients a data set comes with)."""
-NATURAL_DATASETS = ("synthetic",)
+NATURAL_DATASETS = ("synthetic", "fcube")
 """The data sets that come split by client (``--partition natural``)."""
 
 PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
@@ -576,7 +576,12 @@ class RunConfig:
 
     def _validate_natural(self) -> None:
         natural = self.dataset in NATURAL_DATASETS
-        if natural and self.partition != "natural":
+        if self.dataset == "fcube" and self.partition == "natural" and self.num_clients != 4:
+            raise ConfigError(
+                f"fcube's natural split has 4 clients (octant pairs), got num_clients="
+                f"{self.num_clients}; pass --num-clients 4 or another --partition"
+            )
+        if self.dataset == "synthetic" and self.partition != "natural":
             raise ConfigError(
                 f"data set {self.dataset!r} comes split by client (each client its own "
                 "distribution): use --partition natural"
@@ -597,7 +602,7 @@ class RunConfig:
                 )
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{key} must be a number >= 0, got {value}")
-        if natural and self.train_size is not None:
+        if self.dataset == "synthetic" and self.train_size is not None:
             raise ConfigError(
                 "train_size subsamples a pooled data set; 'synthetic' is generated per client "
                 "(its sizes come from the seed): drop --train-size"

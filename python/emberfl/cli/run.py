@@ -288,7 +288,7 @@ def _prepare_dirs(path: Path, *, resume: bool) -> None:
 
 
 def _load_data(config: RunConfig) -> FLDataset:
-    on_disk = config.dataset not in ("digits", "synthetic-cifar10", "synthetic")
+    on_disk = config.dataset not in ("digits", "synthetic-cifar10", "synthetic", "fcube")
     if on_disk and config.data_root is None:
         raise ConfigError(
             f"data set {config.dataset!r} is read from disk and nothing is downloaded: pass "
@@ -301,7 +301,7 @@ def _load_data(config: RunConfig) -> FLDataset:
         )
     # A generated data set is generated at the requested size (its samples are i.i.d. and
     # its classes balanced); the others are subsampled.
-    generate = config.dataset == "synthetic-cifar10" and config.train_size is not None
+    generate = config.dataset in ("synthetic-cifar10", "fcube") and config.train_size is not None
     options: dict[str, Any] = {"num_train": config.train_size} if generate else {}
     if config.dataset == "synthetic":
         options = {

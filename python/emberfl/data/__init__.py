@@ -20,6 +20,7 @@ from __future__ import annotations
 from emberfl.data.datasets import (
     DATASET_NAMES,
     FLDataset,
+    fcube,
     load_cifar10,
     load_cifar100,
     load_dataset,
@@ -78,5 +79,6 @@ __all__ = [
     "shards_partition",
     "synthetic_cifar10",
     "synthetic_fedprox",
+    "fcube",
     "write_partition_csv",
 ]

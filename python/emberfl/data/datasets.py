@@ -54,6 +54,7 @@ __all__ = [
     "load_mnist",
     "synthetic_cifar10",
     "synthetic_fedprox",
+    "fcube",
 ]
 
 PathArg = str | os.PathLike[str]
@@ -621,6 +622,50 @@ def synthetic_fedprox(
     )
 
 
+def fcube(num_train: int = 4000, num_test: int = 1000, *, seed: int) -> FLDataset:
+    """Generate NIID-Bench's FCUBE data (Li et al., 2022): feature skew in a cube.
+
+    Points are uniform in ``[-1, 1]^3`` and labelled by the plane ``x_1 = 0`` (class 1 when
+    ``x_1 > 0``). The natural split (``--partition natural``, four clients) cuts the cube
+    into its eight octants and gives each client two octants symmetric about the origin,
+    so every client sees both classes but a different region of the inputs:
+    :attr:`FLDataset.train_owner` is ``min(o, 7 - o)`` for octant ``o = 4 [x_1 > 0] +
+    2 [x_2 > 0] + [x_3 > 0]``.
+
+    Args:
+        num_train: Training points (>= 1).
+        num_test: Test points (>= 0).
+        seed: The experiment seed (train and test from separate streams).
+
+    Returns:
+        The data set (name ``"fcube"``), inputs ``(N, 3)`` float32, two classes.
+
+    Raises:
+        ConfigError: For a size out of range.
+    """
+    if int(num_train) < 1 or int(num_test) < 0:
+        raise ConfigError(
+            f"fcube needs num_train >= 1 and num_test >= 0, got {num_train}, {num_test}"
+        )
+
+    def points(n: int, part: int) -> npt.NDArray[np.float64]:
+        rng = numpy_generator(seed, purpose=Purpose.SYNTHETIC_DATA, client=part)
+        return rng.uniform(-1.0, 1.0, size=(n, 3))
+
+    train, test = points(int(num_train), 0), points(int(num_test), 1)
+    octant = 4 * (train[:, 0] > 0) + 2 * (train[:, 1] > 0) + (train[:, 2] > 0)
+    owner = np.minimum(octant, 7 - octant).astype(np.int64)
+    return FLDataset(
+        name="fcube",
+        train_x=torch.from_numpy(train.astype(np.float32)),
+        train_y=torch.from_numpy((train[:, 0] > 0).astype(np.int64)),
+        test_x=torch.from_numpy(test.astype(np.float32)),
+        test_y=torch.from_numpy((test[:, 0] > 0).astype(np.int64)),
+        num_classes=2,
+        train_owner=torch.from_numpy(owner),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
@@ -629,6 +674,7 @@ _SEEDED: dict[str, Callable[..., FLDataset]] = {
     "digits": load_digits_dataset,
     "synthetic-cifar10": synthetic_cifar10,
     "synthetic": synthetic_fedprox,
+    "fcube": fcube,
 }
 _ON_DISK: dict[str, Callable[..., FLDataset]] = {
     "cifar10": load_cifar10,

@@ -60,6 +60,7 @@ __all__ = [
     "CIFAR10Partitioner",
     "CIFAR100Partitioner",
     "DataPartitioner",
+    "FCUBEPartitioner",
     "FMNISTPartitioner",
     "MNISTPartitioner",
     "SVHNPartitioner",
@@ -278,6 +279,43 @@ class FMNISTPartitioner(VisionPartitioner):
 
 class SVHNPartitioner(VisionPartitioner):
     """``VisionPartitioner`` for SVHN."""
+
+
+class FCUBEPartitioner(DataPartitioner):
+    """FedLab's ``FCUBEPartitioner``: FCUBE's points among 4 clients.
+
+    ``partition="synthetic"``: client ``min(o, 7 - o)`` holds octant ``o``'s points (two
+    octants symmetric about the origin each, :func:`emberfl.data.fcube`); ``"iid"``: an IID
+    split of equal sizes.
+    """
+
+    num_classes: ClassVar[int] = 2
+    num_clients_fixed: ClassVar[int] = 4
+
+    def __init__(self, data: npt.ArrayLike, partition: str, seed: int | None = None) -> None:
+        """Partition the points ``data`` (``(n, 3)``).
+
+        Raises:
+            ConfigError: Points that are not 3-D, or a scheme other than ``synthetic`` and
+                ``iid``.
+        """
+        points = np.asarray(data, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ConfigError(f"FCUBE's points are (n, 3), got shape {points.shape}")
+        if partition not in ("synthetic", "iid"):
+            raise ConfigError(
+                f"FCUBEPartitioner has no partition {partition!r}; use 'synthetic' or 'iid'"
+            )
+        self.points = points
+        self.partition = partition
+        super().__init__((points[:, 0] > 0).astype(np.int64), self.num_clients_fixed, seed)
+
+    def _perform_partition(self) -> Partition:
+        if self.partition == "iid":
+            return iid_partition(len(self.points), self.num_clients, seed=self.seed)
+        p = self.points > 0
+        octant = 4 * p[:, 0] + 2 * p[:, 1] + p[:, 2]
+        return Partition.from_owner(np.minimum(octant, 7 - octant), self.num_clients)
 
 
 def partition_report(
