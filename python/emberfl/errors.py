@@ -13,6 +13,7 @@ __all__ = [
     "ClientError",
     "ClientTimeoutError",
     "ConfigError",
+    "DatasetFormatError",
     "DatasetNotFoundError",
     "EmberflError",
     "InvalidArgumentError",
@@ -76,6 +77,10 @@ class PartitionError(EmberflError, ValueError):
 
 class DatasetNotFoundError(EmberflError, FileNotFoundError):
     """A data set that is not present under the given data root."""
+
+
+class DatasetFormatError(EmberflError, ValueError):
+    """A data set file that is truncated, corrupt or not in its format (the message names it)."""
 
 
 class LengthMismatchError(EmberflError, ValueError, AssertionError):

@@ -47,6 +47,7 @@ from torch._C import _functorch
 from emberfl import _core
 
 __all__ = [
+    "LSTM",
     "Dropout",
     "MaxPool2d",
     "dropout_mask",
@@ -231,6 +232,69 @@ def _swap(model: nn.Module, kind: type[nn.Module], make: Any) -> int:
     for module, name, child in swaps:
         setattr(module, name, make(child))
     return len(swaps)
+
+
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` that also runs under :func:`torch.func.vmap`.
+
+    Outside functorch transforms it is ``torch.nn.LSTM`` (the fused kernel, bitwise the
+    same). Under them (the vectorized execution mode's stacked clients, local DP-SGD's
+    per-sample gradients), where PyTorch has no batching rule for the fused kernel, it
+    computes the same equations with matrix products and element-wise operations (equal up
+    to float rounding). Its parameters, state dict and outputs are ``torch.nn.LSTM``'s.
+    Supported: ``batch_first=True``, one direction, no dropout or projection, tensors (not
+    packed sequences).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        """Create the layers.
+
+        Args:
+            input_size: The width of the inputs.
+            hidden_size: The hidden units of every layer.
+            num_layers: The layers.
+        """
+        super().__init__(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+
+    def forward(  # type: ignore[override]  # tensors only, not PackedSequence
+        self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the layers, as ``torch.nn.LSTM`` does.
+
+        Args:
+            input: A batch of sequences ``(N, L, input_size)``.
+            hx: The initial ``(h_0, c_0)``, each ``(num_layers, N, hidden_size)``; zeros if
+                ``None``.
+
+        Returns:
+            The last layer's outputs ``(N, L, hidden_size)`` and the final ``(h_n, c_n)``.
+        """
+        if _functorch.peek_interpreter_stack() is None:
+            out, state = super().forward(input, hx)
+            return out, state
+        x = input
+        finals_h: list[torch.Tensor] = []
+        finals_c: list[torch.Tensor] = []
+        for layer in range(self.num_layers):
+            w_ih = getattr(self, f"weight_ih_l{layer}")
+            w_hh = getattr(self, f"weight_hh_l{layer}")
+            bias = getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")
+            gates_in = F.linear(x, w_ih, bias)
+            if hx is None:
+                h = x.new_zeros(x.shape[0], self.hidden_size)
+                c = torch.zeros_like(h)
+            else:
+                h, c = hx[0][layer], hx[1][layer]
+            steps: list[torch.Tensor] = []
+            for t in range(x.shape[1]):
+                i, f, g, o = (gates_in[:, t] + F.linear(h, w_hh)).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                steps.append(h)
+            x = torch.stack(steps, dim=1)
+            finals_h.append(h)
+            finals_c.append(c)
+        return x, (torch.stack(finals_h), torch.stack(finals_c))
 
 
 def dropout_mask(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emberfl.data import DATASET_NAMES, PARTITION_METHODS
+from emberfl.data.datasets import LEAF_DATASETS
 from emberfl.errors import ConfigError, InvalidArgumentError
 from emberfl.models import MODEL_NAMES
 from emberfl.selection import SELECTIONS
@@ -115,8 +116,9 @@ to float rounding, about 1e-6 relative, not bitwise)."""
 PARTITIONS: tuple[str, ...] = (*PARTITION_METHODS, "natural", "feature-noise")
 """The partitions ``emberfl run`` takes: the label-based methods of
 :func:`emberfl.data.partition`, and ``natural`` (the clients a data set comes with)."""
-NATURAL_DATASETS = ("synthetic", "fcube")
-"""The data sets that come split by client (``--partition natural``)."""
+NATURAL_DATASETS = ("synthetic", "fcube", *LEAF_DATASETS)
+"""The data sets that come split by client (``--partition natural``): LEAF's give one
+client per user (the first ``num_clients`` users) and each client its own test samples."""
 
 PARTITION_OPTIONS: dict[str, dict[str, float | int | None]] = {
     "iid": {},
@@ -552,10 +554,11 @@ class RunConfig:
             _check_at_least("min_size", self.min_size, 0)
         if self.noise is not None and not (math.isfinite(self.noise) and self.noise >= 0):
             raise ConfigError(f"noise must be a number >= 0, got {self.noise}")
-        if self.augment and self.dataset in ("digits", "synthetic"):
+        not_images = ("digits", "synthetic", "fcube", "shakespeare", "sent140", "reddit")
+        if self.augment and self.dataset in (*not_images, "synthetic-leaf"):
             raise ConfigError(
                 f"augment crops and flips images; data set {self.dataset!r} is not one "
-                "(8x8 digits or 60-d vectors)"
+                "(8x8 digits, vectors or token ids)"
             )
         if self.chunk_size is not None:
             _check_at_least("chunk_size", self.chunk_size, 1)
@@ -586,6 +589,17 @@ class RunConfig:
                 f"data set {self.dataset!r} comes split by client (each client its own "
                 "distribution): use --partition natural"
             )
+        if self.dataset in LEAF_DATASETS and self.partition == "natural":
+            if self.train_size is not None:
+                raise ConfigError(
+                    "train_size subsamples a pooled data set; LEAF's natural split keeps each "
+                    "user's samples: drop --train-size (--num-clients picks the first users)"
+                )
+            if self.client_test_fraction:
+                raise ConfigError(
+                    f"{self.dataset}'s users come with test samples of their own: drop "
+                    "--client-test-fraction"
+                )
         if self.partition == "natural" and not natural:
             raise ConfigError(
                 f"partition 'natural' takes the clients a data set comes with; "
@@ -852,7 +866,10 @@ class RunConfig:
         return round(float(self.malicious_fraction) * self.clients_per_round())
 
     def test_fraction(self) -> float:
-        """Return ``client_test_fraction`` with its default filled in."""
+        """Return ``client_test_fraction`` with its default filled in (0 for a LEAF data
+        set's natural split, whose clients bring their own test samples)."""
+        if self.dataset in LEAF_DATASETS and self.partition == "natural":
+            return 0.0
         if self.client_test_fraction is not None:
             return float(self.client_test_fraction)
         from emberfl.algorithms import ALGORITHMS as TABLE

@@ -93,7 +93,12 @@ from emberfl.data import (
     read_partition_csv,
     write_partition_csv,
 )
-from emberfl.data.partitioned import TensorPartitionedDataset, TensorSplit
+from emberfl.data.partitioned import (
+    TensorPartitionedDataset,
+    TensorSplit,
+    as_model_input,
+    client_test_rows,
+)
 from emberfl.data.skew import CropFlip, add_feature_noise
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.evaluation import evaluate
@@ -325,6 +330,34 @@ def _load_data(config: RunConfig) -> FLDataset:
     if config.train_size is not None and not generate:
         data = _subsample(data, config.train_size, config.seed)
     return data
+
+
+def _first_clients(data: FLDataset, num_clients: int) -> FLDataset:
+    """Keep the samples of a naturally split data set's first ``num_clients`` clients.
+
+    Raises:
+        ConfigError: If the data set has fewer clients.
+    """
+    assert data.train_owner is not None
+    available = int(data.train_owner.max()) + 1 if data.num_train else 0
+    if data.client_names is not None:
+        available = len(data.client_names)
+    if num_clients > available:
+        raise ConfigError(
+            f"{data.name} has {available} clients (users) but --num-clients is {num_clients}: "
+            f"pass --num-clients {available} or fewer"
+        )
+    if num_clients == available:
+        return data
+    keep = torch.nonzero(data.train_owner < num_clients).squeeze(1)
+    names = data.client_names[:num_clients] if data.client_names is not None else None
+    return dataclasses.replace(
+        data,
+        train_x=data.train_x[keep].contiguous(),
+        train_y=data.train_y[keep].contiguous(),
+        train_owner=data.train_owner[keep].contiguous(),
+        client_names=names,
+    )
 
 
 def _subsample(data: FLDataset, size: int, seed: int) -> FLDataset:
@@ -752,6 +785,8 @@ def run_experiment(
     data = _load_data(config)
     options: dict[str, Any] = dict(partition_options(config, data.num_train))
     config = dataclasses.replace(config, **options)
+    if config.partition == "natural" and data.train_owner is not None:
+        data = _first_clients(data, config.num_clients)
     labels = data.train_y.numpy()
     parts: Partition
     if config.partition == "natural" and data.train_owner is not None:
@@ -768,6 +803,7 @@ def run_experiment(
         num_classes=data.num_classes,
         seed=config.seed,
         hidden_sizes=tuple(config.hidden_sizes or (200, 200)),
+        vocab_size=data.vocab_size,
     )
     probe = models.select_model(config.model)  # fail early on a model/input-shape mismatch
     if config.dp == "local":
@@ -806,14 +842,20 @@ def run_experiment(
 
     if config.partition == "feature-noise":
         index = [torch.from_numpy(np.asarray(ix).copy()) for ix in parts]
-        noisy = add_feature_noise(data.train_x, index, float(options["noise"]), config.seed)
-        data = dataclasses.replace(data, train_x=noisy)
+        noisy = add_feature_noise(
+            as_model_input(data.train_x), index, float(options["noise"]), config.seed
+        )
+        data = dataclasses.replace(data, train_x=noisy, test_x=as_model_input(data.test_x))
+    client_tests = None
+    if config.partition == "natural" and data.test_owner is not None:
+        client_tests = client_test_rows(data.test_owner, config.num_clients)
     pdata = TensorPartitionedDataset(
         data,
         parts,
         client_test_fraction=config.test_fraction(),
         seed=config.seed,
         augment=CropFlip() if config.augments() else None,
+        client_tests=client_tests,
     )
     if config.attack == "label-flip" and config.malicious_fraction is not None:
         bad = malicious_clients(config.seed, config.num_clients, float(config.malicious_fraction))

@@ -46,6 +46,8 @@ from emberfl.rng import Purpose, numpy_generator, stream
 __all__ = [
     "DATASET_NAMES",
     "FLDataset",
+    "INPUT_DTYPES",
+    "LEAF_DATASETS",
     "load_cifar10",
     "load_cifar100",
     "load_dataset",
@@ -59,6 +61,9 @@ __all__ = [
 
 PathArg = str | os.PathLike[str]
 
+INPUT_DTYPES = (torch.float32, torch.uint8, torch.int64)
+"""The input dtypes of an :class:`FLDataset`: numbers, bytes of images, token ids."""
+
 
 @dataclass(frozen=True, eq=False)
 class FLDataset:
@@ -71,8 +76,17 @@ class FLDataset:
         test_x: Test images, float32 ``(N_test, C, H, W)``.
         test_y: Test labels, int64 ``(N_test,)``.
         num_classes: The number of classes.
-        train_owner: For a data set that comes split by client (``synthetic``): the
-            client of every training sample, int64 ``(N_train,)``; ``None`` otherwise.
+        train_owner: For a data set that comes split by client (``synthetic``, LEAF's):
+            the client of every training sample, int64 ``(N_train,)``; ``None`` otherwise.
+        test_owner: For a data set whose clients come with test samples of their own
+            (LEAF's): the client of every test sample, ``-1`` for a test user that has no
+            training data; ``None`` otherwise.
+        client_names: The clients' names in the data set (LEAF's user ids), or ``None``.
+        vocab_size: For inputs of token ids (int64): the number of ids; ``None`` for
+            numeric inputs.
+
+    Inputs are float32, uint8 (images stored as bytes, served to models as float32 in
+    ``[0, 1]`` by :class:`~emberfl.data.partitioned.TensorSplit`) or int64 token ids.
 
     Raises:
         ValueError: On construction, if the tensors' dtypes or lengths do not match.
@@ -85,6 +99,9 @@ class FLDataset:
     test_y: torch.Tensor
     num_classes: int
     train_owner: torch.Tensor | None = None
+    test_owner: torch.Tensor | None = None
+    client_names: tuple[str, ...] | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         """Check dtypes and that images and labels have matching lengths."""
@@ -92,10 +109,10 @@ class FLDataset:
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
-            if x.dtype != torch.float32 or y.dtype != torch.int64:
+            if x.dtype not in INPUT_DTYPES or y.dtype != torch.int64:
                 raise ValueError(
-                    f"{self.name} {split}: images must be float32 and labels int64, "
-                    f"got {x.dtype} and {y.dtype}"
+                    f"{self.name} {split}: inputs must be float32, uint8 or int64 and labels "
+                    f"int64, got {x.dtype} and {y.dtype}"
                 )
             if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
                 raise ValueError(
@@ -106,6 +123,22 @@ class FLDataset:
         if owner is not None and (owner.dtype != torch.int64 or owner.shape != self.train_y.shape):
             raise ValueError(
                 f"{self.name}: train_owner must be int64 with one entry per training sample"
+            )
+        test_owner = self.test_owner
+        if test_owner is not None and (
+            test_owner.dtype != torch.int64 or test_owner.shape != self.test_y.shape
+        ):
+            raise ValueError(
+                f"{self.name}: test_owner must be int64 with one entry per test sample"
+            )
+        if self.train_x.dtype != self.test_x.dtype:
+            raise ValueError(
+                f"{self.name}: train inputs are {self.train_x.dtype}, test inputs "
+                f"{self.test_x.dtype}"
+            )
+        if (self.train_x.dtype == torch.int64) != (self.vocab_size is not None):
+            raise ValueError(
+                f"{self.name}: token-id (int64) inputs need vocab_size, and only they take it"
             )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(
@@ -683,7 +716,17 @@ _ON_DISK: dict[str, Callable[..., FLDataset]] = {
     "fashion-mnist": load_fashion_mnist,
 }
 
-DATASET_NAMES: tuple[str, ...] = (*_SEEDED, *_ON_DISK)
+LEAF_DATASETS: tuple[str, ...] = (
+    "femnist",
+    "shakespeare",
+    "sent140",
+    "celeba",
+    "reddit",
+    "synthetic-leaf",
+)
+"""LEAF's data sets (:func:`emberfl.data.leaf.load_leaf`), read from disk."""
+
+DATASET_NAMES: tuple[str, ...] = (*_SEEDED, *_ON_DISK, *LEAF_DATASETS)
 """The names :func:`load_dataset` accepts."""
 
 
@@ -695,7 +738,8 @@ def load_dataset(
     Args:
         name: One of :data:`DATASET_NAMES`.
         data_root: The folder the on-disk data sets (``cifar10``, ``cifar100``, ``mnist``,
-            ``fashion-mnist``) are read from; unused by ``digits`` and ``synthetic-cifar10``.
+            ``fashion-mnist`` and LEAF's, :data:`LEAF_DATASETS`) are read from; unused by
+            the generated ones.
         seed: Seeds the generated or split data sets (the on-disk ones have a fixed split).
         **kw: Options of the loader, e.g. ``num_train=5000`` for ``synthetic-cifar10``,
             ``test_fraction=0.25`` for ``digits`` or ``normalize=False`` for the others.
@@ -714,6 +758,15 @@ def load_dataset(
         func = _SEEDED[name]
         check_options(func, kw, what=what, exclude=("seed",))
         return func(seed=seed, **kw)
+    if name in LEAF_DATASETS:
+        from emberfl.data.leaf import load_leaf
+
+        check_options(load_leaf, kw, what=what, positional=2)
+        if data_root is None:
+            raise ConfigError(
+                f"{what} is read from LEAF's files: pass data_root=<folder> (it downloads nothing)"
+            )
+        return load_leaf(name, data_root, **kw)
     if name in _ON_DISK:
         func = _ON_DISK[name]
         check_options(func, kw, what=what, positional=1)

@@ -10,7 +10,7 @@ are gathered with one indexing operation instead of one ``__getitem__`` per samp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from emberfl.data.skew import Augment
 from emberfl.errors import ConfigError
 from emberfl.rng import Purpose, stream
 
-__all__ = ["TensorPartitionedDataset", "TensorSplit"]
+__all__ = ["TensorPartitionedDataset", "TensorSplit", "as_model_input", "client_test_rows"]
 
 
 class TensorSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -57,12 +57,26 @@ class TensorSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(image, label)`` of the split's ``i``-th row."""
         row = int(self._rows(torch.tensor([i]))[0])
-        return self.x[row], self.y[row]
+        return as_model_input(self.x[row]), self.y[row]
 
     def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return a whole batch ``(images, labels)`` at once (used by :class:`DataLoader`)."""
         rows = self._rows(torch.as_tensor(positions, dtype=torch.int64))
-        return self.x[rows], self.y[rows]
+        return as_model_input(self.x[rows]), self.y[rows]
+
+
+def as_model_input(x: torch.Tensor) -> torch.Tensor:
+    """Return inputs as a model takes them: uint8 images as float32 in ``[0, 1]``.
+
+    Args:
+        x: Inputs of an :class:`~emberfl.data.FLDataset` (float32, uint8 or int64 ids).
+
+    Returns:
+        ``x / 255`` in float32 for uint8, ``x`` itself otherwise.
+    """
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    return x
 
 
 def _batch_as_is(batch: Any) -> Any:
@@ -113,6 +127,7 @@ class TensorPartitionedDataset:
         client_test_fraction: float = 0.0,
         seed: int = 0,
         augment: Augment | None = None,
+        client_tests: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Create the data set.
 
@@ -127,10 +142,13 @@ class TensorPartitionedDataset:
             augment: Applied to every client training batch with the generator the
                 client's loader shuffles with (:class:`emberfl.data.skew.CropFlip`, or any
                 ``(images, generator) -> images``); ``None``: none.
+            client_tests: The rows of the *test* split each client is judged on, for a
+                data set whose clients come with their own test samples (LEAF's:
+                :func:`client_test_rows`); excludes ``client_test_fraction``.
 
         Raises:
-            ConfigError: If the partition does not cover the training split, or the
-                fraction is out of range.
+            ConfigError: If the partition does not cover the training split, the
+                fraction is out of range, or ``client_tests`` does not fit.
         """
         if partition.num_samples != data.num_train:
             raise ConfigError(
@@ -150,6 +168,27 @@ class TensorPartitionedDataset:
         self.augment = augment
         self.client_index: list[torch.Tensor] = []
         self.client_test_index: list[torch.Tensor] = []
+        self.tests_in_test_split = client_tests is not None
+        if client_tests is not None:
+            if client_test_fraction > 0:
+                raise ConfigError(
+                    "the clients come with test samples of their own: client_test_fraction "
+                    "must be 0"
+                )
+            if len(client_tests) != partition.num_clients:
+                raise ConfigError(
+                    f"client_tests has {len(client_tests)} entries for "
+                    f"{partition.num_clients} clients"
+                )
+            n_test = data.num_test
+            for rows in client_tests:
+                if rows.dtype != torch.int64 or (
+                    rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_test)
+                ):
+                    raise ConfigError(f"client_tests must be int64 rows in 0..{n_test - 1}")
+            self.client_index = [torch.from_numpy(idx.copy()) for idx in partition]
+            self.client_test_index = [rows.clone() for rows in client_tests]
+            return
         for cid, idx in enumerate(partition):
             rows = torch.from_numpy(idx.copy())
             n = int(rows.shape[0])
@@ -169,7 +208,12 @@ class TensorPartitionedDataset:
     @property
     def has_client_tests(self) -> bool:
         """Whether clients hold test splits of their own."""
-        return self.client_test_fraction > 0
+        return self.tests_in_test_split or self.client_test_fraction > 0
+
+    def _client_test_source(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tests_in_test_split:
+            return self.test_x, self.test_y
+        return self.train_x, self.train_y
 
     @property
     def num_clients(self) -> int:
@@ -193,7 +237,7 @@ class TensorPartitionedDataset:
             raise ConfigError(f"client {cid} does not exist: there are {self.num_clients}")
         if type_ == FedAvgPartitionType.TEST:
             if cid is not None and self.has_client_tests:
-                return TensorSplit(self.train_x, self.train_y, self.client_test_index[cid])
+                return TensorSplit(*self._client_test_source(), self.client_test_index[cid])
             return TensorSplit(self.test_x, self.test_y, None)
         if cid is None:
             return TensorSplit(self.train_x, self.train_y, None)
@@ -209,7 +253,7 @@ class TensorPartitionedDataset:
             A loader yielding ``(images, labels)`` batches (empty without client tests).
         """
         index = torch.cat(self.client_test_index)
-        split = TensorSplit(self.train_x, self.train_y, index)
+        split = TensorSplit(*self._client_test_source(), index)
         return DataLoader(split, batch_size=batch_size, collate_fn=_batch_as_is)
 
     def set_dataset(self, type_: FedAvgPartitionType, cid: int | None, dataset: Any) -> None:
@@ -250,3 +294,26 @@ class TensorPartitionedDataset:
             generator=generator,
             collate_fn=collate,
         )
+
+
+def client_test_rows(test_owner: torch.Tensor, num_clients: int) -> list[torch.Tensor]:
+    """Return each client's rows of the test split from the owner of every test sample.
+
+    Args:
+        test_owner: :attr:`FLDataset.test_owner` (``-1`` or ids ``>= num_clients``: no
+            client's).
+        num_clients: The number of clients.
+
+    Returns:
+        ``num_clients`` sorted int64 row tensors.
+    """
+    owner = test_owner.to(torch.int64)
+    order = torch.argsort(owner, stable=True)
+    sizes = torch.bincount(owner[(owner >= 0) & (owner < num_clients)], minlength=num_clients)
+    start = int((owner < 0).sum())
+    rows = []
+    for k in range(num_clients):
+        n = int(sizes[k])
+        rows.append(order[start : start + n].sort().values)
+        start += n
+    return rows

@@ -10,11 +10,12 @@ from torch import nn
 
 from emberfl.errors import ConfigError
 from emberfl.models.cnn import SmallCNN, TutorialCNN
+from emberfl.models.leaf import FEMNISTCNN, CelebACNN, SequenceLSTM
 from emberfl.models.mlp import MLP
 from emberfl.models.resnet import ResNet18
 from emberfl.rng import Purpose, stream
 
-__all__ = ["MODEL_NAMES", "ModelName", "Models"]
+__all__ = ["MODEL_NAMES", "TOKEN_MODELS", "ModelName", "Models"]
 
 
 class ModelName(StrEnum):
@@ -31,6 +32,20 @@ class ModelName(StrEnum):
     LOGREG = "logreg"
     """Multinomial logistic regression: one linear layer (an :class:`~emberfl.models.mlp.MLP`
     without hidden layers), FedProx's model for its synthetic data."""
+    FEMNIST_CNN = "femnist-cnn"
+    """LEAF's FEMNIST CNN (:class:`~emberfl.models.leaf.FEMNISTCNN`)."""
+    CELEBA_CNN = "celeba-cnn"
+    """LEAF's CelebA CNN (:class:`~emberfl.models.leaf.CelebACNN`)."""
+    CHAR_LSTM = "char-lstm"
+    """LEAF's Shakespeare LSTM: 8-dim embedding, 2 x 256 LSTM
+    (:class:`~emberfl.models.leaf.SequenceLSTM`); takes token ids."""
+    WORD_LSTM = "word-lstm"
+    """LEAF's Sent140 LSTM: 100-dim embedding, 2 x 100 LSTM, a 128-unit layer
+    (:class:`~emberfl.models.leaf.SequenceLSTM`); takes token ids."""
+
+
+TOKEN_MODELS = frozenset({ModelName.CHAR_LSTM, ModelName.WORD_LSTM})
+"""The models whose inputs are token ids (they need ``vocab_size``)."""
 
 
 MODEL_NAMES: tuple[str, ...] = tuple(m.value for m in ModelName)
@@ -51,6 +66,8 @@ class Models:
         num_classes: The number of outputs.
         seed: The experiment seed.
         hidden_sizes: The hidden widths of ``"mlp"``.
+        vocab_size: For inputs of token ids (:data:`TOKEN_MODELS`): the number of ids;
+            ``None`` for numeric inputs.
 
     Example:
         >>> models = Models(input_shape=(1, 8, 8), num_classes=10, seed=0)
@@ -63,6 +80,7 @@ class Models:
     num_classes: int
     seed: int = 0
     hidden_sizes: tuple[int, ...] = (200, 200)
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         """Check the shape and class count.
@@ -72,6 +90,8 @@ class Models:
         """
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"vocab_size must be at least 1, got {self.vocab_size}")
         if not self.input_shape or min(self.input_shape) < 1:
             raise ConfigError(f"input_shape must be non-empty and positive, got {self.input_shape}")
 
@@ -97,15 +117,39 @@ class Models:
             raise ConfigError(
                 f"unknown model {str(model_name)!r}; choose one of: {', '.join(MODEL_NAMES)}"
             ) from None
+        tokens = self.vocab_size is not None
+        if (name in TOKEN_MODELS) != tokens:
+            if tokens:
+                raise ConfigError(
+                    f"model {name.value!r} takes numbers, but the inputs are token ids: use "
+                    f"{' or '.join(sorted(m.value for m in TOKEN_MODELS))}"
+                )
+            raise ConfigError(
+                f"model {name.value!r} takes token ids, but the inputs are numbers (no vocab_size)"
+            )
         init_seed = stream(self.seed, purpose=Purpose.MODEL_INIT).torch_seed()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            return _build(name, self.input_shape, self.num_classes, self.hidden_sizes)
+            return _build(
+                name, self.input_shape, self.num_classes, self.hidden_sizes, self.vocab_size
+            )
 
 
 def _build(
-    name: ModelName, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]
+    name: ModelName,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: tuple[int, ...],
+    vocab_size: int | None,
 ) -> nn.Module:
+    if vocab_size is not None:
+        if name is ModelName.CHAR_LSTM:
+            return SequenceLSTM(vocab_size, num_classes, embed_dim=8, hidden_size=256)
+        return SequenceLSTM(vocab_size, num_classes, embed_dim=100, hidden_size=100, fc_size=128)
+    if name is ModelName.FEMNIST_CNN:
+        return FEMNISTCNN(input_shape, num_classes)
+    if name is ModelName.CELEBA_CNN:
+        return CelebACNN(input_shape, num_classes)
     if name is ModelName.CNN:
         return TutorialCNN(input_shape, num_classes)
     if name is ModelName.SMALL_CNN:
