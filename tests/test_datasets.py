@@ -259,7 +259,15 @@ def test_mnist_like_files_are_read(name: str, tmp_path: Path) -> None:
 
 
 def test_load_dataset_dispatches() -> None:
-    assert set(DATASET_NAMES) == {"digits", "synthetic-cifar10", "synthetic", "fcube", *ON_DISK}
+    leaf = {"femnist", "shakespeare", "sent140", "celeba", "reddit", "synthetic-leaf"}
+    assert set(DATASET_NAMES) == {
+        "digits",
+        "synthetic-cifar10",
+        "synthetic",
+        "fcube",
+        *ON_DISK,
+        *leaf,
+    }
     a = load_dataset("digits", seed=4)
     b = load_digits_dataset(seed=4)
     assert torch.equal(a.train_x, b.train_x)
@@ -280,7 +288,17 @@ def test_load_dataset_errors() -> None:
 
 def test_fldataset_checks_its_tensors() -> None:
     x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(ValueError, match="float32 and labels int64"):
+    with pytest.raises(ValueError, match="float32, uint8 or int64 and labels int64"):
         FLDataset("t", x, y.int(), x, y, 2)
+    with pytest.raises(ValueError, match="float32, uint8 or int64"):
+        FLDataset("t", x.double(), y, x.double(), y, 2)
+    with pytest.raises(ValueError, match="train inputs are"):
+        FLDataset("t", x, y, x.to(torch.uint8), y, 2)
+    ids = torch.zeros(4, 5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="need vocab_size"):
+        FLDataset("t", ids, y, ids, y, 2)
+    with pytest.raises(ValueError, match="test_owner"):
+        FLDataset("t", x, y, x, y, 2, test_owner=y[:2])
+    assert FLDataset("t", ids, y, ids, y, 2, vocab_size=9).input_shape == (5,)
     with pytest.raises(ValueError, match="do not match"):
         FLDataset("t", x, y[:3], x, y, 2)

@@ -394,6 +394,8 @@ def test_natural_split_takes_the_first_users_and_their_own_tests(tmp_path: Path)
         assert {k: int(v) for k, v in row.items() if k.startswith("class_") and int(v)} == {
             f"class_{c}": n for c, n in labels.items()
         }
+    with (out / "clients.csv").open() as f:
+        assert [(int(r["client"]), r["user"]) for r in csv.DictReader(f)] == list(enumerate(users))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("client_test_accuracy" in r for r in rows)
     # The clients' tests are the test samples of those four users, judged by the global model.

@@ -11,7 +11,7 @@ import torch
 
 from emberfl.core import deserialize_model, serialize_model
 from emberfl.errors import ConfigError
-from emberfl.models import MODEL_NAMES, ModelName, Models
+from emberfl.models import MODEL_NAMES, TOKEN_MODELS, ModelName, Models
 
 SHAPES = {
     "digits": (1, 8, 8),
@@ -89,11 +89,16 @@ def test_selector_checks_its_fields(bad: dict[str, object]) -> None:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_init_is_a_function_of_seed_and_leaves_global_rng_alone(name: str) -> None:
-    shape = (3, 32, 32)
+    tokens = name in TOKEN_MODELS
+    shape = (20,) if tokens else (3, 32, 32)
+    vocab = 30 if tokens else None
+
+    def build(seed: int) -> torch.Tensor:
+        models = Models(input_shape=shape, num_classes=10, seed=seed, vocab_size=vocab)
+        return serialize_model(models.select_model(name))
+
     before = torch.get_rng_state()
-    a = serialize_model(Models(input_shape=shape, num_classes=10, seed=5).select_model(name))
-    b = serialize_model(Models(input_shape=shape, num_classes=10, seed=5).select_model(name))
-    c = serialize_model(Models(input_shape=shape, num_classes=10, seed=6).select_model(name))
+    a, b, c = build(5), build(5), build(6)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)

@@ -20,6 +20,7 @@ Layout of a run directory::
     RUN_DIR/config.toml              effective configuration (a valid --config file)
     RUN_DIR/partition.csv            class counts per client
     RUN_DIR/partition.png            heatmap of the partition
+    RUN_DIR/clients.csv              data sets split by user (LEAF's): each client's user
     RUN_DIR/metrics.jsonl            one JSON object per round
     RUN_DIR/metrics.csv              the same, as CSV
     RUN_DIR/staleness.csv            asynchronous runs: reports per staleness
@@ -36,8 +37,10 @@ from __future__ import annotations
 
 import base64
 import copy
+import csv
 import dataclasses
 import datetime
+import io
 import json
 import math
 import sys
@@ -330,6 +333,10 @@ def _load_data(config: RunConfig) -> FLDataset:
     if config.train_size is not None and not generate:
         data = _subsample(data, config.train_size, config.seed)
     return data
+
+
+CLIENTS_CSV = "clients.csv"
+"""The run file naming each client's user, for data sets that come split by user."""
 
 
 def _first_clients(data: FLDataset, num_clients: int) -> FLDataset:
@@ -828,6 +835,13 @@ def run_experiment(
     toml_bytes = _toml_bytes(config)
     atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
     _write_partition_report(run_dir, counts, resume=resume)
+    if data.client_names is not None:
+        # Which of the data set's users each client is (LEAF's user ids).
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["client", "user"])
+        writer.writerows(enumerate(data.client_names))
+        atomic_write_text(run_dir / CLIENTS_CSV, table.getvalue())
 
     start_round = checkpoint.round if checkpoint is not None else 0
     _say(stream, config, _describe(config, data, device, options))
