@@ -660,9 +660,6 @@ def _run_options() -> list[_RunOption]:
 
 
 def _add_run_parser(commands: Any) -> None:
-    from emberfl.cli.config import RunConfig
-
-    defaults = RunConfig()
     run = commands.add_parser(
         "run",
         help="run a federated experiment",
@@ -698,6 +695,14 @@ def _add_run_parser(commands: Any) -> None:
         "--quiet may change, and not in ways that change the results' bits: to or from "
         "vectorized mode, another chunk split, CPU to CUDA)",
     )
+    _add_run_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    from emberfl.cli.config import RunConfig
+
+    defaults = RunConfig()
     for flag, key, type_, choices, metavar, text in _run_options():
         default = getattr(defaults, key)
         if choices is not None:
@@ -744,7 +749,73 @@ def _add_run_parser(commands: Any) -> None:
         default=argparse.SUPPRESS,
         help="no progress bars or tables; print only the run directory",
     )
-    run.set_defaults(handler=_cmd_run)
+
+
+def _add_sweep_parsers(commands: Any) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a grid of experiments over seeds and options",
+        description=textwrap.fill(
+            "Run every combination of --grid values with every seed of --seeds, each point "
+            "an emberfl run directory under the sweep directory (--output-dir; default "
+            "runs/sweep-<date>-<time>) named by its values. The other options are emberfl "
+            "run's and apply to every point; a --config file may hold a [sweep] table "
+            "(seeds = [0, 1, 2] and a [sweep.grid] table of lists). Running the same sweep "
+            "again, or --resume SWEEP_DIR, skips finished points, resumes killed ones from "
+            "their checkpoints and starts the rest. Ends with emberfl compare's table.",
+            width=88,
+        ),
+    )
+    sweep.add_argument(
+        "--config",
+        metavar="FILE",
+        type=_path,
+        help="read options (and [sweep]) from this TOML file",
+    )
+    sweep.add_argument(
+        "--resume", metavar="SWEEP_DIR", type=_path, help="continue the sweep in SWEEP_DIR"
+    )
+    sweep.add_argument(
+        "--seeds", metavar="SEEDS", help="the seeds: 3, 0-4 or 0,2,7 (default: the --seed)"
+    )
+    sweep.add_argument(
+        "--grid",
+        metavar="KEY=V1,V2",
+        action="append",
+        default=[],
+        help="an option and its values, e.g. algorithm=fedavg,fedprox (repeat for a grid)",
+    )
+    sweep.add_argument(
+        "--jobs", metavar="N", type=int, default=1, help="points run at once (default: 1)"
+    )
+    sweep.add_argument(
+        "--target", metavar="ACC", type=float, help="compare's rounds-to-accuracy target, e.g. 0.9"
+    )
+    _add_run_options(sweep)
+    sweep.set_defaults(handler=_cmd_sweep)
+    comp = commands.add_parser(
+        "compare",
+        help="compare runs and sweeps: mean +- std over seeds, one plot",
+        description=textwrap.fill(
+            "Group the runs under the given run and sweep directories by configuration "
+            "without the seed; print each group's final and best test accuracy (and rounds "
+            "to --target) as mean +- std over its seeds, and write compare.csv and "
+            "compare.png (each group's mean curve and its +-1 std band).",
+            width=88,
+        ),
+    )
+    comp.add_argument("dirs", metavar="DIR", nargs="+", type=_path, help="run or sweep directories")
+    comp.add_argument(
+        "--target", metavar="ACC", type=float, help="report the rounds to this test accuracy"
+    )
+    comp.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        type=_path,
+        help="where compare.csv and compare.png go (default: the first DIR if it is a sweep, "
+        "else the current directory)",
+    )
+    comp.set_defaults(handler=_cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -762,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
     _add_run_parser(commands)
+    _add_sweep_parsers(commands)
     plot = commands.add_parser(
         "plot",
         help="draw a run's accuracy and loss curves and partition heatmap",
@@ -817,12 +889,124 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     layers: list[dict[str, Any]] = []
     if args.config is not None:
-        layers.append(check_keys(load_config_file(args.config), args.config))
+        blob = load_config_file(args.config)
+        if "sweep" in blob:
+            raise ConfigError(
+                f"{args.config} has a [sweep] table: run it with `emberfl sweep --config "
+                f"{args.config}`"
+            )
+        layers.append(check_keys(blob, args.config))
     layers.append(options)
     config = merge_config(RunConfig(), *layers, source="command line")
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
     context.run_dir, context.resumable = run_dir, True
     run_experiment(config, run_dir=run_dir)
+    return 0
+
+
+def _run_option_types() -> dict[str, Any]:
+    types: dict[str, Any] = {key: type_ for _, key, type_, _, _, _ in _run_options()}
+    for key in ("augment", "drop_stragglers", "error_feedback"):
+        types[key] = _boolean
+    return types
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from emberfl.cli.config import (
+        RunConfig,
+        check_keys,
+        config_to_toml,
+        load_config_file,
+        merge_config,
+    )
+    from emberfl.cli.sweep import (
+        SWEEP_FILE,
+        Sweep,
+        compare,
+        format_compare,
+        parse_grid,
+        parse_seeds,
+        run_sweep,
+        write_compare,
+    )
+
+    keys = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {k: v for k, v in vars(args).items() if k in keys}
+    if args.resume is not None:
+        if args.config is not None or args.grid or args.seeds or options:
+            raise ConfigError(
+                "--resume SWEEP_DIR reads SWEEP_DIR/sweep.toml; drop the other options"
+            )
+        sweep_dir = Path(args.resume)
+        sweep = Sweep.from_toml(sweep_dir / SWEEP_FILE)
+    else:
+        layers: list[dict[str, Any]] = []
+        table: dict[str, Any] = {}
+        if args.config is not None:
+            blob = dict(load_config_file(args.config))
+            table = blob.pop("sweep", {})
+            if not isinstance(table, dict) or not set(table) <= {"seeds", "grid"}:
+                raise ConfigError(f"{args.config}: [sweep] takes seeds and a [sweep.grid] table")
+            layers.append(check_keys(blob, args.config))
+        layers.append({k: v for k, v in options.items() if k != "output_dir"})
+        base_config = merge_config(RunConfig(), *layers, source="command line")
+        types = _run_option_types()
+        grid_items = [
+            f"{k}={','.join(str(x) for x in v)}" for k, v in table.get("grid", {}).items()
+        ]
+        grid = parse_grid([*grid_items, *args.grid], types)
+        seeds_value = args.seeds if args.seeds is not None else table.get("seeds")
+        if seeds_value is None:
+            seeds = [base_config.seed]
+        elif isinstance(seeds_value, list):
+            seeds = parse_seeds(",".join(str(int(v)) for v in seeds_value))
+        else:
+            seeds = parse_seeds(str(seeds_value))
+        base = config_to_toml(base_config)
+        base.pop("seed", None)
+        sweep = Sweep(base=base, grid=grid, seeds=seeds)
+        if "output_dir" in options:
+            sweep_dir = Path(options["output_dir"])
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            sweep_dir = Path("runs") / f"sweep-{base_config.dataset}-{stamp}"
+    args.context.run_dir = sweep_dir
+    print(f"sweep {sweep_dir}: {len(sweep.points())} points", flush=True)
+    failed = run_sweep(sweep, sweep_dir, jobs=args.jobs)
+    groups = compare([sweep_dir])
+    print(format_compare(groups, target=args.target))
+    for path in write_compare(groups, sweep_dir, target=args.target):
+        print(path)
+    if failed:
+        print(
+            f"emberfl: error: {failed} point(s) failed (their sweep.log says why); fix and "
+            f"continue with `emberfl sweep --resume {sweep_dir}`",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from emberfl.cli.sweep import SWEEP_FILE, compare, format_compare, write_compare
+
+    groups = compare(args.dirs)
+    print(format_compare(groups, target=args.target))
+    out = args.out_dir
+    if out is None:
+        first = Path(args.dirs[0])
+        out = first if (first / SWEEP_FILE).is_file() else Path.cwd()
+    for path in write_compare(groups, Path(out), target=args.target):
+        print(path)
     return 0
 
 
