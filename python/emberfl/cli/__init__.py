@@ -115,6 +115,19 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
+def _loggers(text: str) -> list[str]:
+    """Parse ``tensorboard`` or ``tensorboard,mlflow`` into tracker names."""
+    from emberfl.cli.trackers import LOGGERS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose trackers from {', '.join(LOGGERS)} (comma-separated)"
+        )
+    return names
+
+
 def _algorithm_lines() -> str:
     from emberfl.algorithms import ALGORITHMS
 
@@ -267,6 +280,15 @@ def _run_options() -> list[_RunOption]:
             "N",
             "use N training samples (e.g. 4000 or 4K), drawn with the seed before partitioning; "
             "for quick runs (default: all)",
+        ),
+        (
+            "--logger",
+            "logger",
+            _loggers,
+            None,
+            "NAME[,NAME]",
+            "also log the config and every metric to experiment trackers, offline by default: "
+            'tensorboard, wandb, mlflow (pip install "emberfl[tensorboard]" ...)',
         ),
         (
             "--hidden-sizes",

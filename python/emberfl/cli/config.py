@@ -199,6 +199,7 @@ RESUME_OVERRIDABLE: frozenset[str] = frozenset(
         "checkpoint_every",
         "client_timeout",
         "quiet",
+        "logger",
     }
 )
 """Keys that ``emberfl run --resume`` may change: they do not alter the rounds already run
@@ -246,6 +247,8 @@ class RunConfig:
             runs: drawn without replacement from the seed's stream before partitioning, or,
             for ``synthetic-cifar10``, generated at that size.
         hidden_sizes: The MLP's hidden widths (``None``: 200, 200); ``mlp`` only.
+        logger: Experiment trackers that also log the run (:data:`emberfl.cli.trackers.LOGGERS`:
+            ``tensorboard``, ``wandb``, ``mlflow``); ``None``: none.
         synthetic_alpha: ``synthetic``'s ``alpha``, the spread of the clients' labelling
             rules (``None``: 1).
         synthetic_beta: ``synthetic``'s ``beta``, the spread of their feature means
@@ -368,6 +371,7 @@ class RunConfig:
     augment: bool | None = None
     train_size: int | None = None
     hidden_sizes: list[int] | None = None
+    logger: list[str] | None = None
     synthetic_alpha: float | None = None
     synthetic_beta: float | None = None
     num_clients: int = 10
@@ -564,6 +568,15 @@ class RunConfig:
             _check_at_least("chunk_size", self.chunk_size, 1)
         if self.train_size is not None:
             _check_at_least("train_size", self.train_size, 1)
+        if self.logger is not None:
+            from emberfl.cli.trackers import LOGGERS
+
+            for name in self.logger:
+                if not isinstance(name, str):
+                    raise ConfigError(f"logger must list tracker names, got {name!r}")
+                _check_choice("logger", name, LOGGERS)
+            if len(set(self.logger)) != len(self.logger):
+                raise ConfigError(f"logger names a tracker twice: {self.logger}")
         if self.hidden_sizes is not None:
             if not self.hidden_sizes or any(
                 isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden_sizes
@@ -918,6 +931,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "augment": (bool,),
     "train_size": (int,),
     "hidden_sizes": (list,),
+    "logger": (list,),
     "synthetic_alpha": (float, int),
     "synthetic_beta": (float, int),
     "num_clients": (int,),
@@ -987,6 +1001,7 @@ _OPTIONAL = frozenset(
         "chunk_size",
         "train_size",
         "hidden_sizes",
+        "logger",
         "augment",
         "synthetic_alpha",
         "synthetic_beta",
@@ -1011,7 +1026,7 @@ _OPTIONAL = frozenset(
         "qsgd_levels",
     }
 )
-_LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas"})
+_LIST_KEYS = frozenset({"hidden_sizes", "server_betas", "adam_betas", "logger"})
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",

@@ -36,6 +36,7 @@ permission, a full disk) fails the run at once with a :class:`ConfigError`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -85,6 +86,7 @@ from emberfl.cli.config import (
     unreadable_reason,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
+from emberfl.cli.trackers import open_trackers, require_trackers
 from emberfl.core import deserialize_model, intra_op_threads, serialize_model
 from emberfl.data import (
     FLDataset,
@@ -831,6 +833,8 @@ def run_experiment(
                     f"the checkpoint in {run_dir} is at round {checkpoint.round}, beyond "
                     f"rounds={config.rounds}; pass --rounds {checkpoint.round} or more"
                 )
+    if config.logger:
+        require_trackers(config.logger)
     _prepare_dirs(run_dir, resume=resume)
     toml_bytes = _toml_bytes(config)
     atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
@@ -902,6 +906,13 @@ def run_experiment(
         elapsed_before = checkpoint.wall_time_s
     log = MetricsLog(run_dir)
     log.reset(metrics)
+    trackers = open_trackers(
+        config.logger or [],
+        run_dir,
+        config_to_toml(config),
+        toml_bytes.decode(),
+        start_round=start_round,
+    )
     train_loader = _train_eval_loader(data)
     # The suite's generator (never the global one) drives the loader's per-pass draw.
     test_loader = pdata.get_dataloader(
@@ -934,7 +945,7 @@ def run_experiment(
     # One intra-op thread, as the clients use: evaluation and aggregation on a busy machine
     # are many times slower with OpenMP threads spinning against each other. A Ctrl-C
     # (KeyboardInterrupt) goes to the caller; the last checkpoint stays as it was.
-    with sim, intra_op_threads(1):
+    with sim, intra_op_threads(1), contextlib.closing(trackers):
         round_bar = bars.bar(total=config.rounds, initial=start_round, desc="rounds", unit="round")
         with round_bar:
             while sim.round < config.rounds:
@@ -985,6 +996,7 @@ def run_experiment(
                         row["dp_clip_norm"] = float(getattr(sim.aggregator, "clip_norm", 0.0))
                 metrics.append(row)
                 log.append(row)
+                trackers.log(row)
                 every = config.checkpoint_every
                 if sim.round >= config.rounds or (every > 0 and sim.round % every == 0):
                     checkpoint_now()
