@@ -4,10 +4,10 @@ Writes a FEMNIST-shaped LEAF data set (``--users`` users of ``--samples`` 28x28 
 each, 100 users per JSON file as LEAF writes them, random pixels) into a temporary folder,
 then loads it twice with :func:`emberfl.data.leaf.load_leaf`, each time in a fresh Python
 process: the first load converts the JSON into the memory-mapped cache, the second only
-maps it. Records each load's wall time and peak resident memory (``ru_maxrss`` of the
-process, including Python and torch themselves, measured once more for a process that
-only imports them), and the size of the data as float32, as one JSON record; the SUMMARY
-line is ``convert_s=..,convert_peak_mib=..,cached_s=..,cached_peak_mib=..,data_mib=..``.
+maps it. Records each load's wall time, its heap peak (``tracemalloc``: Python objects and
+numpy arrays; the mapped cache is page cache, not heap) and the resident memory it added,
+and the size of the data as float32, as one JSON record; the SUMMARY line is
+``convert_s=..,convert_heap_peak_mib=..,cached_s=..,cached_heap_peak_mib=..,data_mib=..``.
 
 The full FEMNIST is about 3,500 users and 805,000 images (2.5 GB as float32); the peak of a
 conversion grows with one JSON file (LEAF's ~100 users), not with the data set.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,17 +34,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import write_record
 
 _PROBE = """
-import json, resource, sys, time
-t = time.perf_counter()
+import json, sys, time, tracemalloc
 import torch
 from emberfl.data.leaf import load_leaf
-if sys.argv[1] != "-":
-    ds = load_leaf("femnist", sys.argv[1])
-    checksum = float(ds.train_x[::997].sum()) + int(ds.train_y.sum())
-else:
-    checksum = 0.0
-print(json.dumps({"seconds": time.perf_counter() - t, "checksum": checksum,
-                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+before = rss()
+trace = sys.argv[2] == "trace"
+if trace:
+    tracemalloc.start()
+t = time.perf_counter()
+ds = load_leaf("femnist", sys.argv[1])
+seconds = time.perf_counter() - t
+peak = tracemalloc.get_traced_memory()[1] if trace else None
+tracemalloc.stop()
+after = rss()
+checksum = float(ds.train_x[::997].sum()) + int(ds.train_y.sum())
+touched = rss()
+print(json.dumps({"seconds": seconds, "checksum": checksum, "heap_peak": peak,
+                  "rss_added": after - before, "rss_after_reading": touched - before}))
 """
 
 
@@ -70,10 +80,12 @@ def write_femnist(root: Path, users: int, samples: int, per_file: int = 100) -> 
     return total
 
 
-def probe(target: str) -> dict[str, Any]:
-    """Load in a fresh process; return its seconds, peak RSS and a checksum."""
+def probe(target: str, *, trace: bool) -> dict[str, Any]:
+    """Load in a fresh process; return its seconds, heap peak (traced: slower), the
+    resident memory it added and a checksum."""
+    mode = "trace" if trace else "time"
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, target], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _PROBE, target, mode], check=True, capture_output=True, text=True
     )
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -90,25 +102,33 @@ def main() -> None:
         root = Path(tmp)
         images = write_femnist(root, args.users, args.samples)
         json_mib = sum(p.stat().st_size for p in root.rglob("*.json")) / 2**20
-        base = probe("-")
-        first = probe(str(root))
-        cached = probe(str(root))
-    assert first["checksum"] == cached["checksum"], "the cache does not hold the JSON's data"
-    mib = 1 / 1024
+        first = probe(str(root), trace=False)
+        shutil.rmtree(root / "femnist" / ".emberfl-cache")
+        traced = probe(str(root), trace=True)
+        cached = probe(str(root), trace=True)
+    assert first["checksum"] == traced["checksum"] == cached["checksum"], "the cache differs"
+    mib = 1 / 2**20
     fields = {
         "train_images": images,
         "json_mib": round(json_mib, 1),
-        "data_mib": round(images * 784 * 4 / 2**20, 1),
-        "baseline_peak_mib": round(base["peak_kib"] * mib, 1),
+        "data_mib": round(images * 784 * 4 * mib, 1),
         "convert_s": round(first["seconds"], 2),
-        "convert_peak_mib": round(first["peak_kib"] * mib, 1),
-        "cached_s": round(cached["seconds"], 2),
-        "cached_peak_mib": round(cached["peak_kib"] * mib, 1),
+        "convert_heap_peak_mib": round(traced["heap_peak"] * mib, 1),
+        "convert_rss_added_mib": round(first["rss_added"] * mib, 1),
+        "cached_s": round(cached["seconds"], 3),
+        "cached_heap_peak_mib": round(cached["heap_peak"] * mib, 1),
+        "cached_rss_added_mib": round(cached["rss_added"] * mib, 1),
     }
     write_record("leaf", args, **fields)
     summary = ",".join(
         f"{k}={fields[k]}"
-        for k in ("convert_s", "convert_peak_mib", "cached_s", "cached_peak_mib", "data_mib")
+        for k in (
+            "convert_s",
+            "convert_heap_peak_mib",
+            "cached_s",
+            "cached_heap_peak_mib",
+            "data_mib",
+        )
     )
     print(f"SUMMARY {summary}")
 

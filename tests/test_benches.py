@@ -291,3 +291,18 @@ def test_cost_bench_measures_the_compression_share(data_dir: Path) -> None:
     times = bench_algorithm_cost.time_rounds("fedavg+qsgd:4", "serial", dataset, args)
     assert len(times) == 2
     assert 0 < bench_algorithm_cost.LAST_SHARE.pop("fedavg+qsgd:4") < 1
+
+
+def test_leaf_bench_loads_what_it_wrote_from_the_cache(tmp_path: Path) -> None:
+    """The LEAF bench's FEMNIST fixture converts, and a second load maps the same data."""
+    import bench_leaf
+
+    from emberfl.data.leaf import load_leaf
+
+    images = bench_leaf.write_femnist(tmp_path, users=5, samples=3, per_file=2)
+    assert images == 15 and len(list((tmp_path / "femnist" / "train").glob("*.json"))) == 3
+    first = bench_leaf.probe(str(tmp_path), trace=True)
+    cached = bench_leaf.probe(str(tmp_path), trace=False)
+    assert first["checksum"] == cached["checksum"]
+    assert first["heap_peak"] > 0 and cached["seconds"] >= 0
+    assert load_leaf("femnist", tmp_path).num_train == images
