@@ -22,6 +22,7 @@ __all__ = [
     "NonFiniteError",
     "PartitionError",
     "PayloadWriteError",
+    "RankLostError",
     "ServerTimeoutError",
     "SharedMemoryError",
     "SlotIndexError",
@@ -114,6 +115,10 @@ class ClientError(EmberflError, RuntimeError):
         super().__init__(text)
         self.cid = cid
         self.worker_traceback = worker_traceback
+
+
+class RankLostError(EmberflError, RuntimeError):
+    """Another rank of a ``torch.distributed`` job died, hung or cut the connection."""
 
 
 class WorkerDiedError(EmberflError, RuntimeError):

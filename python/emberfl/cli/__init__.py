@@ -678,6 +678,15 @@ def _run_options() -> list[_RunOption]:
             "stop the run with an error naming the client when one trains longer than this "
             "(0 or off: no limit; it can change on --resume) (default: 600)",
         ),
+        (
+            "--rank-timeout",
+            "rank_timeout",
+            float,
+            None,
+            "SECONDS",
+            "under torchrun: stop every rank with an error naming the rank that sent no "
+            "heartbeat for this long (hung or lost)",
+        ),
     ]
 
 
@@ -1078,6 +1087,8 @@ def _checkpoint_note(run_dir: Path, *, save_failed: bool) -> str:
         return ""
     folder = run_dir / CHECKPOINT_DIR
     resume = f"emberfl run --resume {run_dir}"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        resume = f"the same torchrun command running `{resume}`"
     if checkpoint is not None:
         held = "still holds" if save_failed else "holds"
         return f"the checkpoint in {folder} {held} round {checkpoint.round} (resume with: {resume})"

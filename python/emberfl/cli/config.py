@@ -198,6 +198,7 @@ RESUME_OVERRIDABLE: frozenset[str] = frozenset(
         "device",
         "checkpoint_every",
         "client_timeout",
+        "rank_timeout",
         "quiet",
         "logger",
     }
@@ -353,6 +354,8 @@ class RunConfig:
             :class:`~emberfl.errors.ClientTimeoutError` (0: no limit; ``"off"`` in a TOML
             file or on the command line means 0). It does not change any result, so a
             resumed run may change it.
+        rank_timeout: Under ``torchrun``: seconds a rank may go without a heartbeat before
+            the others stop with an error naming it (a hung or lost rank).
         quiet: No progress bars or tables; print only the run directory.
     """
 
@@ -432,6 +435,7 @@ class RunConfig:
     seed: int = 0
     checkpoint_every: int = 5
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    rank_timeout: float = 30.0
     quiet: bool = False
 
     def validate(self) -> None:
@@ -460,6 +464,10 @@ class RunConfig:
             raise ConfigError(
                 f'client_timeout must be a number of seconds >= 0 (0 or "off": no limit), '
                 f"got {self.client_timeout}"
+            )
+        if not (math.isfinite(self.rank_timeout) and 1 <= self.rank_timeout <= 86_400):
+            raise ConfigError(
+                f"rank_timeout must be a number of seconds in [1, 86400], got {self.rank_timeout}"
             )
         if self.seed >= 1 << 64:
             raise ConfigError(f"seed must fit in 64 bits (0 <= seed < 2**64), got {self.seed}")
@@ -992,6 +1000,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "checkpoint_every": (int,),
     "client_timeout": (float, int),
+    "rank_timeout": (float, int),
     "quiet": (bool,),
 }
 _OPTIONAL = frozenset(
@@ -1468,7 +1477,7 @@ def merge_config(base: RunConfig, *layers: Mapping[str, Any], source: str = "con
     if isinstance(merged.get("client_timeout"), str):
         merged["client_timeout"] = parse_client_timeout(merged["client_timeout"])
     config = dataclasses.replace(base, **merged)
-    for key in ("alpha", "sigma", "sample_ratio", "lr", "client_timeout"):
+    for key in ("alpha", "sigma", "sample_ratio", "lr", "client_timeout", "rank_timeout"):
         value = getattr(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(config, key, float(value))

@@ -46,7 +46,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -86,6 +86,7 @@ from emberfl.cli.config import (
     unreadable_reason,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
+from emberfl.cli.ranks import Ranks, Watchdog, agree, digest, join, share
 from emberfl.cli.trackers import open_trackers, require_trackers
 from emberfl.core import deserialize_model, intra_op_threads, serialize_model
 from emberfl.data import (
@@ -108,6 +109,7 @@ from emberfl.data.skew import CropFlip, add_feature_noise
 from emberfl.errors import CheckpointError, ConfigError, EmberflError
 from emberfl.evaluation import evaluate
 from emberfl.executors import ClientSetup, make_executor
+from emberfl.executors.distributed import DistributedExecutor
 from emberfl.models import Models
 from emberfl.nn import use_fast_layers
 from emberfl.privacy import epsilon, local_epsilon
@@ -341,6 +343,19 @@ CLIENTS_CSV = "clients.csv"
 """The run file naming each client's user, for data sets that come split by user."""
 
 
+class _NoLog(MetricsLog):
+    """The metrics log of a rank other than 0: rank 0 writes the files."""
+
+    def __init__(self) -> None:
+        super().__init__(".")
+
+    def reset(self, rows: Sequence[Any]) -> None:
+        """Write nothing."""
+
+    def append(self, row: Any) -> None:
+        """Write nothing."""
+
+
 def _first_clients(data: FLDataset, num_clients: int) -> FLDataset:
     """Keep the samples of a naturally split data set's first ``num_clients`` clients.
 
@@ -532,7 +547,12 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], na
 
 
 def _build_simulation(
-    config: RunConfig, models: Models, dataset: TensorPartitionedDataset, device: str
+    config: RunConfig,
+    models: Models,
+    dataset: TensorPartitionedDataset,
+    device: str,
+    *,
+    distributed: bool = False,
 ) -> Simulation | AsyncSimulation:
     algorithm = build_algorithm(config)
     setup = ClientSetup(
@@ -548,6 +568,12 @@ def _build_simulation(
     executor = make_executor(config.mode, setup, parallelism=config.workers(), **options)
     if config.mode == "process":
         executor.start()  # type: ignore[attr-defined]
+    if distributed:
+        if config.is_async():
+            raise ConfigError(
+                "asynchronous algorithms run on one machine for now: launch them without torchrun"
+            )
+        executor = DistributedExecutor(executor)
     if config.is_async():
         server, clock, concurrency = build_async(config)
         return AsyncSimulation(
@@ -784,12 +810,53 @@ def run_experiment(
         ClientError: If a client's training raised or ran out of time.
         OSError: If another file of the run could not be written (``filename`` names it).
         KeyboardInterrupt: On Ctrl-C; the last checkpoint is kept.
+
+    Under ``torchrun`` every rank runs this with the same configuration: the ranks share
+    each round's clients (:class:`~emberfl.executors.distributed.DistributedExecutor`),
+    rank 0 writes the run directory and evaluates, and the others keep nothing.
     """
-    stream = out if out is not None else sys.stdout
     config.validate()
+    ranks = join()
+    if ranks is None:
+        return _run_experiment(config, run_dir, resume, out, progress, None)
+    try:
+        return _run_experiment(config, run_dir, resume, out, progress, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_experiment(
+    config: RunConfig,
+    run_dir: Path | None,
+    resume: bool,
+    out: TextIO | None,
+    progress: bool | None,
+    ranks: Ranks | None,
+) -> RunResult:
+    with contextlib.ExitStack() as stack:
+        return _run_in(stack, config, run_dir, resume, out, progress, ranks)
+
+
+def _run_in(
+    stack: contextlib.ExitStack,
+    config: RunConfig,
+    run_dir: Path | None,
+    resume: bool,
+    out: TextIO | None,
+    progress: bool | None,
+    ranks: Ranks | None,
+) -> RunResult:
+    leader = ranks is None or ranks.leader
+    stream = out if out is not None and leader else (sys.stdout if leader else io.StringIO())
     device = resolve_device(config.device)
-    show = progress if progress is not None else (not config.quiet and sys.stderr.isatty())
+    wants_bars = not config.quiet and sys.stderr.isatty()
+    show = leader and (progress if progress is not None else wants_bars)
     bars = _Progress(show)
+    if ranks is not None:
+        # parallelism, device, quiet and the client timeout may differ between ranks.
+        own = {"parallelism", "device", "quiet", "client_timeout", "output_dir"}
+        shared = {k: v for k, v in config_to_toml(config).items() if k not in own}
+        agree(ranks, "configurations", digest(sorted(shared.items()), resume))
 
     data = _load_data(config)
     options: dict[str, Any] = dict(partition_options(config, data.num_train))
@@ -807,6 +874,9 @@ def run_experiment(
             labels, config.num_clients, method=config.partition, seed=config.seed, **options
         )
     counts = class_counts(labels, parts, data.num_classes)
+    if ranks is not None:
+        step = max(1, data.num_train // 64)
+        agree(ranks, "data", digest(data.train_y, data.test_y, data.train_x[::step], counts))
     models = Models(
         input_shape=data.input_shape,
         num_classes=data.num_classes,
@@ -820,8 +890,18 @@ def run_experiment(
 
         DPSGD(*config.dp_parameters()[:2]).check_model(probe)
 
-    if run_dir is None:
+    if run_dir is None and leader:
         run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
+    if ranks is not None:
+        run_dir = share(ranks, run_dir)
+        watchdog = Watchdog(
+            ranks,
+            config.rank_timeout,
+            resume_hint=f"resume with the same torchrun command and `emberfl run --resume "
+            f"{run_dir}`",
+        )
+        stack.callback(watchdog.finish)
+    assert run_dir is not None
     checkpoint: Checkpoint | None = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
@@ -833,19 +913,23 @@ def run_experiment(
                     f"the checkpoint in {run_dir} is at round {checkpoint.round}, beyond "
                     f"rounds={config.rounds}; pass --rounds {checkpoint.round} or more"
                 )
+    shared_dir = run_dir
+    if not leader:
+        config = dataclasses.replace(config, logger=None)  # rank 0 logs
     if config.logger:
         require_trackers(config.logger)
-    _prepare_dirs(run_dir, resume=resume)
     toml_bytes = _toml_bytes(config)
-    atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
-    _write_partition_report(run_dir, counts, resume=resume)
-    if data.client_names is not None:
-        # Which of the data set's users each client is (LEAF's user ids).
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["client", "user"])
-        writer.writerows(enumerate(data.client_names))
-        atomic_write_text(run_dir / CLIENTS_CSV, table.getvalue())
+    if leader:  # only rank 0 writes the run directory
+        _prepare_dirs(run_dir, resume=resume)
+        atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
+        _write_partition_report(run_dir, counts, resume=resume)
+        if data.client_names is not None:
+            # Which of the data set's users each client is (LEAF's user ids).
+            table = io.StringIO()
+            writer = csv.writer(table, lineterminator="\n")
+            writer.writerow(["client", "user"])
+            writer.writerows(enumerate(data.client_names))
+            atomic_write_text(run_dir / CLIENTS_CSV, table.getvalue())
 
     start_round = checkpoint.round if checkpoint is not None else 0
     _say(stream, config, _describe(config, data, device, options))
@@ -878,7 +962,7 @@ def run_experiment(
     if config.attack == "label-flip" and config.malicious_fraction is not None:
         bad = malicious_clients(config.seed, config.num_clients, float(config.malicious_fraction))
         flip_labels(pdata, bad, data.num_classes)
-    sim = _build_simulation(config, models, pdata, device)
+    sim = _build_simulation(config, models, pdata, device, distributed=ranks is not None)
     # The global model for evaluation and for the files; the simulation's flat state is
     # loaded into it after each round.
     model = models.select_model(config.model)
@@ -904,7 +988,7 @@ def run_experiment(
         sim.load_state_tensors(tensors, checkpoint.round)
         metrics = list(checkpoint.metrics)
         elapsed_before = checkpoint.wall_time_s
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir) if leader else _NoLog()
     log.reset(metrics)
     trackers = open_trackers(
         config.logger or [],
@@ -924,6 +1008,8 @@ def run_experiment(
         return elapsed_before + time.perf_counter() - started
 
     def checkpoint_now() -> None:
+        if not leader:
+            return
         if isinstance(sim, AsyncSimulation):
             _write_staleness(run_dir, sim.staleness)
         extra = {k: v for k, v in sim.state_tensors().items() if k != "server/model"}
@@ -962,8 +1048,10 @@ def run_experiment(
                     ) as client_bar:
                         summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
                 sim.load_global_into(model)
-                test_loss, test_acc = evaluate(model, test_loader, device)
-                train_loss, train_acc = evaluate(model, train_loader, device)
+                test_loss = test_acc = train_loss = train_acc = math.nan
+                if leader:  # the others hold the same model: evaluated once
+                    test_loss, test_acc = evaluate(model, test_loader, device)
+                    train_loss, train_acc = evaluate(model, train_loader, device)
                 row: dict[str, Any] = {
                     "round": sim.round,
                     "wall_time_s": round(wall_time(), 3),
@@ -981,7 +1069,7 @@ def run_experiment(
                     for key in ("virtual_time_s", "mean_staleness"):
                         row[key] = round(summary[key], 6)
                     row["max_staleness"] = int(summary["max_staleness"])
-                if pdata.has_client_tests:
+                if pdata.has_client_tests and leader:
                     row.update(_client_test_metrics(sim, model, pdata, device))
                 if config.dp == "local":
                     sigma, _, delta = config.dp_parameters()
@@ -1003,19 +1091,20 @@ def run_experiment(
                 round_bar.set_postfix(test_acc=f"{100 * row['test_accuracy']:.1f}%")
                 round_bar.update(1)
 
-    final_path = run_dir / FINAL_MODEL_FILE
-    save_model_file(
-        final_path,
-        model.state_dict(),
-        metadata=final_model_metadata(config, sim.round),
-    )
+    final_path = shared_dir / FINAL_MODEL_FILE
+    if leader:
+        save_model_file(
+            final_path,
+            model.state_dict(),
+            metadata=final_model_metadata(config, sim.round),
+        )
     if config.quiet:
         print(run_dir, file=stream, flush=True)
     else:
         _say(stream, config, format_summary(metrics))
         _say(stream, config, f"results in {run_dir}")
     return RunResult(
-        run_dir=run_dir,
+        run_dir=shared_dir,
         config=config,
         metrics=metrics,
         final_model=final_path,
