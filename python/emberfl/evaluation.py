@@ -46,6 +46,7 @@ def evaluate(
     device: str | torch.device,
     *,
     num_threads: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[float, float]:
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``loader``.
 
@@ -55,6 +56,10 @@ def evaluate(
         device: Where to evaluate.
         num_threads: Batches evaluated at once, in threads (PyTorch's kernels release the
             GIL); the result does not depend on it.
+        shard: ``(rank, world_size)`` of a ``torch.distributed`` job whose ranks all
+            call this with the same model and loader: each rank evaluates every
+            ``world_size``-th batch and the batches' sums are gathered and added in batch
+            order, so every rank gets the bits of an evaluation by one process.
 
     Returns:
         The mean loss and the accuracy.
@@ -77,13 +82,32 @@ def evaluate(
             correct = int((outputs.argmax(dim=1) == labels).sum().item())
         return loss, correct, int(labels.size(0))
 
+    if shard is None:
+        sums = list(in_order(one, iter_batches(loader), num_threads))
+    else:
+        sums = _sharded(one, loader, shard)
     total_loss = 0.0
     total_correct = 0
     total = 0
-    for loss, correct, count in in_order(one, iter_batches(loader), num_threads):
+    for loss, correct, count in sums:
         total_loss += loss
         total_correct += correct
         total += count
     if total == 0:
         raise ValueError("the evaluation data loader must yield at least one sample")
     return total_loss / total, total_correct / total
+
+
+def _sharded(
+    one: Callable[[Any], tuple[float, int, int]], loader: DataLoader[Any], shard: tuple[int, int]
+) -> list[tuple[float, int, int]]:
+    """Every batch's sums, each batch computed by one rank (batch ``b`` by rank
+    ``b % world_size``) and gathered, in batch order, on every rank."""
+    import torch.distributed as dist
+
+    rank, world = shard
+    mine = [one(batch) for b, batch in enumerate(iter_batches(loader)) if b % world == rank]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    count = sum(len(part) for part in gathered)
+    return [gathered[b % world][b // world] for b in range(count)]

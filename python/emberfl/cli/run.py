@@ -1048,10 +1048,12 @@ def _run_in(
                     ) as client_bar:
                         summary = sim.run_round(cids, on_result=lambda _p, _c: client_bar.update(1))
                 sim.load_global_into(model)
-                test_loss = test_acc = train_loss = train_acc = math.nan
-                if leader:  # the others hold the same model: evaluated once
-                    test_loss, test_acc = evaluate(model, test_loader, device)
-                    train_loss, train_acc = evaluate(model, train_loader, device)
+                eval_start = time.perf_counter()
+                # Under torchrun the ranks share the evaluation, with the same bits.
+                shard = (ranks.rank, ranks.world_size) if ranks is not None else None
+                test_loss, test_acc = evaluate(model, test_loader, device, shard=shard)
+                train_loss, train_acc = evaluate(model, train_loader, device, shard=shard)
+                eval_s = time.perf_counter() - eval_start
                 row: dict[str, Any] = {
                     "round": sim.round,
                     "wall_time_s": round(wall_time(), 3),
@@ -1065,6 +1067,11 @@ def _run_in(
                     "uplink_bytes": int(summary["uplink_bytes"]),
                     "downlink_bytes": int(summary["downlink_bytes"]),
                 }
+                if ranks is not None and isinstance(sim.executor, DistributedExecutor):
+                    # Where rank 0's round went: its share, waiting, the exchange, evaluation.
+                    times = {**sim.executor.last_round, "eval_s": eval_s}
+                    row.update({k: round(v, 4) for k, v in times.items()})
+                    row["world_size"] = ranks.world_size
                 if isinstance(sim, AsyncSimulation):
                     for key in ("virtual_time_s", "mean_staleness"):
                         row[key] = round(summary[key], 6)

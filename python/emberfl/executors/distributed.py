@@ -11,8 +11,9 @@ arithmetic is therefore the same operations in the same order on every rank and 
 world size: the global model is bitwise the one of the same run without
 ``torch.distributed``, for any world size, algorithm and aggregator.
 
-What travels: each client's uplink (and state) once from its owner to the others, one
-``broadcast`` per client; no rank holds more than its own share of results at a time.
+What travels: each client's uplink (and state) once from its owner to the others, in
+broadcasts of consecutive results of about :data:`EXCHANGE_BYTES`; no rank holds more than
+its own share of results at a time.
 
 A rank whose clients failed tells the others, and every rank raises the same
 :class:`~emberfl.errors.ClientError` for the first failing client of the list, so no rank
@@ -24,7 +25,9 @@ a hung rank): they raise :class:`~emberfl.errors.RankLostError`.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,7 +38,7 @@ from emberfl.algorithms.base import ClientResult
 from emberfl.errors import ClientError, ConfigError, RankLostError
 from emberfl.executors.base import Consume, Executor, RoundPlan
 
-__all__ = ["DistributedExecutor", "backend_reason", "split_by_size"]
+__all__ = ["EXCHANGE_BYTES", "DistributedExecutor", "backend_reason", "split_by_size"]
 
 
 def split_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -67,6 +70,21 @@ def split_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
         owners.append(min(world_size - 1, (world_size * (2 * before + w)) // (2 * total)))
         before += w
     return owners
+
+
+EXCHANGE_BYTES = 64 << 20
+"""About how many bytes of consecutive results of one rank travel in one broadcast."""
+
+
+def _groups(owners: Sequence[int], size: int) -> list[list[int]]:
+    """Runs of consecutive positions with the same owner, at most ``size`` long."""
+    groups: list[list[int]] = []
+    for position, owner in enumerate(owners):
+        if groups and owners[groups[-1][0]] == owner and len(groups[-1]) < size:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    return groups
 
 
 @contextlib.contextmanager
@@ -106,6 +124,9 @@ class DistributedExecutor(Executor):
         rank: This process's rank.
         world_size: The number of ranks.
         group: The process group (``None``: the default one).
+        last_round: Where the last round's time went on this rank, in seconds:
+            ``train_s`` (its share), ``wait_s`` (for the slowest rank's share) and
+            ``exchange_s`` (the results' broadcasts).
     """
 
     name = "distributed"
@@ -139,6 +160,7 @@ class DistributedExecutor(Executor):
         self.group = group
         self.rank = dist.get_rank(group) if rank is None else rank
         self.world_size = dist.get_world_size(group) if world_size is None else world_size
+        self.last_round: dict[str, float] = {}
 
     @property
     def parallelism(self) -> int:
@@ -167,6 +189,7 @@ class DistributedExecutor(Executor):
             kept[mine[index]] = (_detached(result), state)
 
         failure: tuple[int, int, str, str] | None = None
+        started = time.perf_counter()
         if mine:
             sub = RoundPlan(
                 algorithm=plan.algorithm,
@@ -183,24 +206,93 @@ class DistributedExecutor(Executor):
                 position = plan.cids.index(exc.cid) if exc.cid in plan.cids else mine[0]
                 summary = exc.summary.removeprefix(f"client {exc.cid}: ")
                 failure = (position, exc.cid, summary, exc.worker_traceback)
+        trained = time.perf_counter()
+        if self.world_size == 1:
+            if failure is not None:
+                position, cid, summary, trace = failure
+                raise ClientError(cid, summary, trace)
+            for position, cid in enumerate(plan.cids):
+                consume(position, cid, kept.pop(position)[0])
+            self.last_round = {"train_s": trained - started, "wait_s": 0.0, "exchange_s": 0.0}
+            return
         failures: list[Any] = [None] * self.world_size
         with _collective(plan.round, "while the ranks compared their clients' outcomes"):
             dist.all_gather_object(failures, failure, group=self.group)
+        waited = time.perf_counter()
         found = [f for f in failures if f is not None]
         if found:
             position, cid, summary, trace = min(found)
             raise ClientError(cid, f"{summary} (trained on rank {owners[position]})", trace)
-        for position, cid in enumerate(plan.cids):
-            box: list[Any] = [kept.pop(position) if owners[position] == self.rank else None]
-            src = self._global(owners[position])
-            with _collective(plan.round, f"waiting for client {cid}'s result from rank {src}"):
-                dist.broadcast_object_list(box, src=src, group=self.group)
-            result, state = box[0]
-            if plan.state is not None and owners[position] != self.rank:
-                views = plan.state.views(cid)
-                for name, value in state.items():
-                    views[name].copy_(value)
-            consume(position, cid, result)
+        for group in _groups(owners, self._group_size(plan)):
+            owner = owners[group[0]]
+            src = self._global(owner)
+            first = plan.cids[group[0]]
+            with _collective(plan.round, f"waiting for client {first}'s result from rank {src}"):
+                items = self._exchange(
+                    [kept.pop(p) for p in group] if owner == self.rank else None, src
+                )
+            for position, (result, state) in zip(group, items, strict=True):
+                cid = plan.cids[position]
+                if plan.state is not None and owner != self.rank:
+                    views = plan.state.views(cid)
+                    for name, value in state.items():
+                        views[name].copy_(value)
+                consume(position, cid, result)
+        self.last_round = {
+            "train_s": trained - started,
+            "wait_s": waited - trained,
+            "exchange_s": time.perf_counter() - waited,
+        }
+
+    def _exchange(
+        self, items: list[tuple[ClientResult, dict[str, torch.Tensor]]] | None, src: int
+    ) -> list[tuple[ClientResult, dict[str, torch.Tensor]]]:
+        """Broadcast ``src``'s results: their tensors as one flat float32 buffer, the rest
+        (names, shapes, sizes, weights, metrics) as a small pickled header."""
+        header: list[Any] = [None]
+        if items is not None:
+            header[0] = [
+                (
+                    [(k, tuple(v.shape), v.dtype) for k, v in result.uplink.items()],
+                    [(k, tuple(v.shape), v.dtype) for k, v in state.items()],
+                    result.num_samples,
+                    result.weights,
+                    result.metrics,
+                    result.uplink_bytes,
+                )
+                for result, state in items
+            ]
+        dist.broadcast_object_list(header, src=src, group=self.group)
+        meta = header[0]
+        specs = [spec for entry in meta for spec in (*entry[0], *entry[1])]
+        if any(dtype != torch.float32 for _, _, dtype in specs):
+            box: list[Any] = [items]  # not all float32: the tensors travel pickled
+            dist.broadcast_object_list(box, src=src, group=self.group)
+            received: list[tuple[ClientResult, dict[str, torch.Tensor]]] = box[0]
+            return received
+        sizes = [math.prod(shape) for _, shape, _ in specs]
+        if items is not None:
+            parts = [t.reshape(-1) for r, st in items for t in (*r.uplink.values(), *st.values())]
+            flat = torch.cat(parts) if parts else torch.zeros(0)
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.float32)
+        if flat.numel():
+            dist.broadcast(flat, src=src, group=self.group)
+        if items is not None:
+            return items
+        chunks = iter(torch.split(flat, sizes))
+        out = []
+        for up_specs, state_specs, num_samples, weights, metrics, uplink_bytes in meta:
+            uplink = {k: next(chunks).view(shape) for k, shape, _ in up_specs}
+            state = {k: next(chunks).view(shape) for k, shape, _ in state_specs}
+            result = ClientResult(uplink, num_samples, weights, metrics, uplink_bytes)
+            out.append((result, state))
+        return out
+
+    def _group_size(self, plan: RoundPlan) -> int:
+        """Results sent in one broadcast: about :data:`EXCHANGE_BYTES` of uplinks."""
+        floats = sum(t.numel() for t in plan.broadcast.values()) * max(1, len(plan.streams))
+        return max(1, EXCHANGE_BYTES // max(1, 4 * floats))
 
     def _global(self, rank: int) -> int:
         if self.group is None:
