@@ -853,10 +853,14 @@ def _run_in(
     show = leader and (progress if progress is not None else wants_bars)
     bars = _Progress(show)
     if ranks is not None:
-        # parallelism, device, quiet and the client timeout may differ between ranks.
-        own = {"parallelism", "device", "quiet", "client_timeout", "output_dir"}
+        # parallelism, device, quiet, the client timeout and the exact modes (serial,
+        # thread, process: the same bits) may differ between ranks.
+        own = {"parallelism", "device", "quiet", "client_timeout", "output_dir", "mode"}
         shared = {k: v for k, v in config_to_toml(config).items() if k not in own}
+        shared["vectorized"] = config.mode == "vectorized"
         agree(ranks, "configurations", digest(sorted(shared.items()), resume))
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"  # a GPU per rank
 
     data = _load_data(config)
     options: dict[str, Any] = dict(partition_options(config, data.num_train))
