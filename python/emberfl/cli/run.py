@@ -818,10 +818,13 @@ def run_experiment(
     config.validate()
     ranks = join()
     if ranks is None:
-        return _run_experiment(config, run_dir, resume, out, progress, None)
+        return _run_experiment(config, run_dir, resume, out, progress, None, None)
+    # Heartbeats from the start: a rank that hangs while loading data is caught too.
+    watchdog = Watchdog(ranks, config.rank_timeout)
     try:
-        return _run_experiment(config, run_dir, resume, out, progress, ranks)
+        return _run_experiment(config, run_dir, resume, out, progress, ranks, watchdog)
     finally:
+        watchdog.finish()
         ranks.close()
 
 
@@ -832,19 +835,7 @@ def _run_experiment(
     out: TextIO | None,
     progress: bool | None,
     ranks: Ranks | None,
-) -> RunResult:
-    with contextlib.ExitStack() as stack:
-        return _run_in(stack, config, run_dir, resume, out, progress, ranks)
-
-
-def _run_in(
-    stack: contextlib.ExitStack,
-    config: RunConfig,
-    run_dir: Path | None,
-    resume: bool,
-    out: TextIO | None,
-    progress: bool | None,
-    ranks: Ranks | None,
+    watchdog: Watchdog | None,
 ) -> RunResult:
     leader = ranks is None or ranks.leader
     stream = out if out is not None and leader else (sys.stdout if leader else io.StringIO())
@@ -898,13 +889,9 @@ def _run_in(
         run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config)
     if ranks is not None:
         run_dir = share(ranks, run_dir)
-        watchdog = Watchdog(
-            ranks,
-            config.rank_timeout,
-            resume_hint=f"resume with the same torchrun command and `emberfl run --resume "
-            f"{run_dir}`",
-        )
-        stack.callback(watchdog.finish)
+    if watchdog is not None:
+        hint = f"resume with the same torchrun command and `emberfl run --resume {run_dir}`"
+        watchdog.resume_hint = hint
     assert run_dir is not None
     checkpoint: Checkpoint | None = None
     if resume:
