@@ -240,3 +240,17 @@ def test_ranks_with_different_configurations_are_refused(tmp_path: Path) -> None
     said = [line for line in done.stderr.splitlines() if line.startswith("emberfl: error:")]
     assert said and all("different configurations: rank(s) 1 differ" in s for s in said), said
     assert not run.exists()
+
+
+def test_a_run_directory_rank_0_cannot_use_stops_every_rank_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    first = subprocess.run([*EMBERFL, "run", *RUN, "--rounds", "1", "--output-dir", str(run)],
+                           env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    done = _torchrun(2, "-m", "emberfl", "run", *RUN, "--output-dir", str(run))
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("emberfl: error:")]
+    assert len(said) == 2 and all("already holds a run" in line for line in said), said
+    assert any("rank 0 could not start the run" in line for line in said)

@@ -14,10 +14,11 @@ import contextlib
 import datetime
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from emberfl.errors import ConfigError, RankLostError
+from emberfl.errors import ConfigError, EmberflError, RankLostError
 
 __all__ = [
     "COLLECTIVE_TIMEOUT_S",
@@ -27,6 +28,7 @@ __all__ = [
     "agree",
     "digest",
     "join",
+    "on_leader",
     "share",
 ]
 
@@ -229,3 +231,41 @@ class Watchdog:
         with contextlib.suppress(Exception):  # the job is ending anyway
             self._store.set(f"emberfl/done/{self.ranks.rank}", "1")
         self._thread.join(timeout=5)
+
+
+def on_leader(ranks: Ranks | None, step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0 only and make every rank fail the way it failed.
+
+    Without ranks it just runs ``step``. Otherwise rank 0 runs it and tells the others
+    how it went, so that a step only rank 0 takes (writing the run directory) fails every
+    rank with rank 0's reason, not with a lost connection.
+
+    Raises:
+        ConfigError: On the other ranks, with rank 0's message, if its step raised an
+            emberfl error or ``OSError`` (rank 0 re-raises its own exception).
+    """
+    if ranks is None:
+        step()
+        return
+    import torch.distributed as dist
+
+    outcome: list[Any] = [None]
+    failure: BaseException | None = None
+    if ranks.leader:
+        try:
+            step()
+        except (EmberflError, OSError) as exc:
+            failure = exc
+            outcome[0] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        dist.broadcast_object_list(outcome, src=0)
+    except RuntimeError as exc:
+        if failure is not None:
+            raise failure from None
+        from emberfl.executors.distributed import backend_reason
+
+        raise RankLostError(f"lost rank 0 before the run started: {backend_reason(exc)}") from None
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise ConfigError(f"rank 0 could not start the run: {outcome[0]}")

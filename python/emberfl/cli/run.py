@@ -86,7 +86,7 @@ from emberfl.cli.config import (
     unreadable_reason,
 )
 from emberfl.cli.metrics import TRAIN_EVAL_SAMPLES, MetricsLog, format_summary
-from emberfl.cli.ranks import Ranks, Watchdog, agree, digest, join, share
+from emberfl.cli.ranks import Ranks, Watchdog, agree, digest, join, on_leader, share
 from emberfl.cli.trackers import open_trackers, require_trackers
 from emberfl.core import deserialize_model, intra_op_threads, serialize_model
 from emberfl.data import (
@@ -910,17 +910,21 @@ def _run_experiment(
     if config.logger:
         require_trackers(config.logger)
     toml_bytes = _toml_bytes(config)
-    if leader:  # only rank 0 writes the run directory
-        _prepare_dirs(run_dir, resume=resume)
-        atomic_write_bytes(run_dir / CONFIG_FILE, toml_bytes)
-        _write_partition_report(run_dir, counts, resume=resume)
-        if data.client_names is not None:
+    names = data.client_names
+
+    def write_run_dir() -> None:  # only rank 0 writes the run directory
+        _prepare_dirs(shared_dir, resume=resume)
+        atomic_write_bytes(shared_dir / CONFIG_FILE, toml_bytes)
+        _write_partition_report(shared_dir, counts, resume=resume)
+        if names is not None:
             # Which of the data set's users each client is (LEAF's user ids).
             table = io.StringIO()
             writer = csv.writer(table, lineterminator="\n")
             writer.writerow(["client", "user"])
-            writer.writerows(enumerate(data.client_names))
-            atomic_write_text(run_dir / CLIENTS_CSV, table.getvalue())
+            writer.writerows(enumerate(names))
+            atomic_write_text(shared_dir / CLIENTS_CSV, table.getvalue())
+
+    on_leader(ranks, write_run_dir)
 
     start_round = checkpoint.round if checkpoint is not None else 0
     _say(stream, config, _describe(config, data, device, options))
