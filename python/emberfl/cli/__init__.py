@@ -722,9 +722,9 @@ def _add_run_parser(commands: Any) -> None:
         metavar="RUN_DIR",
         type=_path,
         help="continue a killed run from its last checkpoint (only --rounds, --mode, "
-        "--parallelism, --chunk-size, --device, --checkpoint-every, --client-timeout and "
-        "--quiet may change, and not in ways that change the results' bits: to or from "
-        "vectorized mode, another chunk split, CPU to CUDA)",
+        "--parallelism, --chunk-size, --device, --checkpoint-every, --client-timeout, "
+        "--rank-timeout, --logger and --quiet may change, and not in ways that change the "
+        "results' bits: to or from vectorized mode, another chunk split, CPU to CUDA)",
     )
     _add_run_options(run)
     run.set_defaults(handler=_cmd_run)
