@@ -178,6 +178,15 @@ class DistributedExecutor(Executor):
             ClientError: On every rank, for the first client of the list that failed on
                 any rank.
         """
+        if self.world_size == 1:  # nothing to share: the local executor streams as usual
+            started = time.perf_counter()
+            self.local.run(plan, consume)
+            self.last_round = {
+                "train_s": time.perf_counter() - started,
+                "wait_s": 0.0,
+                "exchange_s": 0.0,
+            }
+            return
         owners = self.owners(plan.cids)
         mine = [p for p, r in enumerate(owners) if r == self.rank]
         kept: dict[int, tuple[ClientResult, dict[str, torch.Tensor]]] = {}
@@ -207,14 +216,6 @@ class DistributedExecutor(Executor):
                 summary = exc.summary.removeprefix(f"client {exc.cid}: ")
                 failure = (position, exc.cid, summary, exc.worker_traceback)
         trained = time.perf_counter()
-        if self.world_size == 1:
-            if failure is not None:
-                position, cid, summary, trace = failure
-                raise ClientError(cid, summary, trace)
-            for position, cid in enumerate(plan.cids):
-                consume(position, cid, kept.pop(position)[0])
-            self.last_round = {"train_s": trained - started, "wait_s": 0.0, "exchange_s": 0.0}
-            return
         failures: list[Any] = [None] * self.world_size
         with _collective(plan.round, "while the ranks compared their clients' outcomes"):
             dist.all_gather_object(failures, failure, group=self.group)
