@@ -44,8 +44,6 @@ LOGGERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
 TRACKERS_FILE = "trackers.json"
 """The trackers' run ids, so that a resumed run continues them."""
 
-_EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
 
 class Tracker(Protocol):
     """What ``emberfl run`` needs of a tracker."""
@@ -69,12 +67,7 @@ def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _missing(name: str) -> ConfigError:
-    return ConfigError(
-        f'--logger {name} needs the {name} package: pip install "emberfl[{_EXTRA[name]}]"'
-    )
-
-
-_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    return ConfigError(f'--logger {name} needs the {name} package: pip install "emberfl[{name}]"')
 
 
 def require_trackers(names: Sequence[str]) -> None:
@@ -86,7 +79,8 @@ def require_trackers(names: Sequence[str]) -> None:
     import importlib.util
 
     for name in names:
-        if name in _MODULES and importlib.util.find_spec(_MODULES[name]) is None:
+        # Each tracker's extra and package share its name.
+        if name in LOGGERS and importlib.util.find_spec(name) is None:
             raise _missing(name)
 
 
